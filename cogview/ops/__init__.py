@@ -1,0 +1,18 @@
+"""The public face of cogview's kernels.
+
+Every op here dispatches to a hand-written C++/CUDA kernel when one is registered for the
+input's device, and otherwise computes through its plain-PyTorch twin in
+`cogview.ops.reference` (correct, slower). `python -m cogview.info` shows which runs where.
+"""
+from cogview.ops._registry import KERNELS, cpu_isa, has_kernel, use_cpu_isa, usable_cpu_isas
+from cogview.ops.layer_norm import add_layer_norm, layer_norm
+
+__all__ = [
+    "layer_norm",
+    "add_layer_norm",
+    "KERNELS",
+    "has_kernel",
+    "cpu_isa",
+    "usable_cpu_isas",
+    "use_cpu_isa",
+]

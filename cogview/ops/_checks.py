@@ -1,0 +1,37 @@
+"""Argument checks shared by the op wrappers: clear Python exceptions that name the argument."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def tensor(op: str, name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"cogview.ops.{op}: `{name}` must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def floating(op: str, name: str, value) -> torch.Tensor:
+    tensor(op, name, value)
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"cogview.ops.{op}: `{name}` must be float32, float16, bfloat16 or float64, got {value.dtype}"
+        )
+    return value
+
+
+def same_device(op: str, reference_name: str, reference: torch.Tensor, **others) -> None:
+    for name, value in others.items():
+        if value is not None and value.device != reference.device:
+            raise ValueError(
+                f"cogview.ops.{op}: `{name}` is on {value.device} but `{reference_name}` is on {reference.device}"
+            )
+
+
+def finite_nonnegative(op: str, name: str, value) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"cogview.ops.{op}: `{name}` must be a finite number >= 0, got {value!r}")
+    return float(value)

@@ -1,0 +1,67 @@
+// cogview._C: the pybind11 module and the schemas of every cogview op.
+//
+// Kernels are registered per device in csrc/cpu/*.cpp and csrc/cuda/*.cu with
+// TORCH_LIBRARY_IMPL; Python reaches them through the dispatcher (torch.ops.cogview.*), so
+// autograd, fake tensors and torch.compile all see them. This module binds no kernel directly.
+#include <torch/extension.h>
+
+#include "build_info.h"
+#include "cpu/isa.h"
+
+TORCH_LIBRARY(cogview, m) {
+  // Sandwich LayerNorm. `stats` holds (mean, rstd) per row and LayerNorm, for the backward.
+  m.def("layer_norm(Tensor x, Tensor weight, Tensor bias, float eps=1e-05, bool pb_relax=False)"
+        " -> (Tensor out, Tensor stats)");
+  m.def("layer_norm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor stats)"
+        " -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  // `normed` is empty (0 elements) when no next LayerNorm is given.
+  m.def("add_layer_norm(Tensor residual, Tensor branch, Tensor w_out, Tensor b_out, Tensor? w_next,"
+        " Tensor? b_next, float eps=1e-05, bool pb_relax=False)"
+        " -> (Tensor new_residual, Tensor normed, Tensor stats)");
+  m.def("add_layer_norm_backward(Tensor? grad_new_residual, Tensor? grad_normed, Tensor branch,"
+        " Tensor new_residual, Tensor w_out, Tensor? w_next, Tensor stats)"
+        " -> (Tensor grad_residual, Tensor grad_branch, Tensor grad_w_out, Tensor grad_b_out,"
+        " Tensor grad_w_next, Tensor grad_b_next)");
+}
+
+namespace {
+
+const char* compiler() {
+#if defined(__clang__)
+  return "clang " __clang_version__;
+#elif defined(__GNUC__)
+  return "gcc " __VERSION__;
+#else
+  return "unknown";
+#endif
+}
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["version"] = COGVIEW_VERSION_STRING;
+  info["torch_version"] = COGVIEW_TORCH_VERSION_STRING;
+  info["cuda"] = static_cast<bool>(COGVIEW_WITH_CUDA);
+  info["cuda_arch_list"] = COGVIEW_CUDA_ARCH_LIST_STRING;
+  info["cpu_isas"] = cogview::cpu::compiled_isas();
+#if defined(_OPENMP)
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  info["compiler"] = compiler();
+  info["build_tool"] = COGVIEW_BUILD_TOOL_STRING;
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "cogview native extension: op schemas, CPU/CUDA kernels and build information";
+  m.def("build_info", &build_info, "What this build contains (versions, CUDA, archs, CPU ISAs).");
+  m.def("cpu_isa", [] { return std::string(cogview::cpu::isa_name(cogview::cpu::active_isa())); },
+        "The instruction set whose CPU kernels run now.");
+  m.def("usable_cpu_isas", &cogview::cpu::usable_isas,
+        "Instruction sets compiled into this build that this CPU can run.");
+  m.def("set_cpu_isa", &cogview::cpu::set_active_isa, pybind11::arg("name"),
+        "Switch the CPU kernels to another compiled, supported instruction set.");
+}

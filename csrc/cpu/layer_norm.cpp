@@ -1,0 +1,193 @@
+// CPU implementation of cogview::layer_norm / add_layer_norm and their backward ops.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu/isa.h"
+#include "cpu/tensor_utils.h"
+#include "ops/layer_norm_checks.h"
+
+namespace cogview::cpu {
+namespace {
+
+// Fixed chunking of rows for the weight-gradient partial sums: the reduction order (and so the
+// result) does not depend on the number of threads.
+constexpr int64_t kMaxGradChunks = 64;
+// Rows per parallel task in the forward: enough work to amortise a task, small enough to balance.
+constexpr int64_t kForwardGrainElems = 32768;
+
+at::Tensor acc_param(const at::Tensor& p, at::ScalarType acc) { return p.to(acc).contiguous(); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor* residual,
+                                                       const at::Tensor& branch,
+                                                       const at::Tensor& w_out, const at::Tensor& b_out,
+                                                       const at::Tensor* w_next, const at::Tensor* b_next,
+                                                       double eps, bool pb_relax) {
+  const int64_t hidden = branch.size(-1);
+  const at::ScalarType acc = ops::accumulator_type(branch);
+  at::Tensor branch_rows = as_rows(branch, hidden);
+  at::Tensor residual_rows = residual ? as_rows(*residual, hidden) : at::Tensor();
+  const int64_t rows = branch_rows.size(0);
+  at::Tensor out = at::empty(branch.sizes(), branch.options().dtype(residual ? residual->scalar_type()
+                                                                               : branch.scalar_type()));
+  at::Tensor normed = w_next ? at::empty(branch.sizes(), branch.options()) : branch.new_empty({0});
+  at::Tensor stats = at::empty({rows, w_next ? 4 : 2}, branch.options().dtype(acc));
+  at::Tensor wo = acc_param(w_out, acc), bo = acc_param(b_out, acc);
+  at::Tensor wn = w_next ? acc_param(*w_next, acc) : at::Tensor();
+  at::Tensor bn = b_next ? acc_param(*b_next, acc) : at::Tensor();
+
+  LayerNormForwardArgs a;
+  a.rows = rows;
+  a.hidden = hidden;
+  if (residual) {
+    a.residual = residual_rows.data_ptr();
+    a.residual_type = elem_type(residual_rows, "residual");
+    a.residual_stride = row_stride(residual_rows);
+  }
+  a.branch = branch_rows.data_ptr();
+  a.branch_type = elem_type(branch_rows, "branch");
+  a.branch_stride = row_stride(branch_rows);
+  a.w_out = wo.data_ptr();
+  a.b_out = bo.data_ptr();
+  a.w_next = w_next ? wn.data_ptr() : nullptr;
+  a.b_next = w_next ? bn.data_ptr() : nullptr;
+  a.out = out.data_ptr();
+  a.out_type = elem_type(out, "out");
+  a.normed = w_next ? normed.data_ptr() : nullptr;
+  a.normed_type = elem_type(branch, "branch");
+  a.stats = stats.data_ptr();
+  a.eps = eps;
+  a.pb_relax = pb_relax;
+  a.f64 = acc == at::kDouble;
+  if (rows > 0) {
+    const int64_t grain = std::max<int64_t>(1, kForwardGrainElems / hidden);
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      COGVIEW_CPU_DISPATCH(layer_norm_forward, a, begin, end);
+    });
+  }
+  return {out, normed, stats};
+}
+
+// Runs the backward kernel over fixed row chunks, then reduces the partials chunk by chunk.
+at::Tensor backward(LayerNormBackwardArgs& a, at::ScalarType acc, const at::TensorOptions& options) {
+  const int64_t chunks = std::max<int64_t>(1, std::min(a.rows, kMaxGradChunks));
+  const int64_t per_chunk = (a.rows + chunks - 1) / chunks;
+  at::Tensor partials = at::zeros({chunks, 4, a.hidden}, options.dtype(acc));
+  a.partials = partials.data_ptr();
+  a.f64 = acc == at::kDouble;
+  if (a.rows > 0) {
+    at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t c = first; c < last; ++c) {
+        const int64_t begin = c * per_chunk, end = std::min(a.rows, begin + per_chunk);
+        if (begin < end) COGVIEW_CPU_DISPATCH(layer_norm_backward, a, begin, end, c);
+      }
+    });
+  }
+  // Sequential over chunks (fixed order), vectorised over the 4 x hidden columns.
+  return partials.sum(0);
+}
+
+std::tuple<at::Tensor, at::Tensor> layer_norm_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                  const at::Tensor& bias, double eps, bool pb_relax) {
+  ops::check_layer_norm(x, weight, bias, eps);
+  auto [out, unused, stats] = forward(nullptr, x, weight, bias, nullptr, nullptr, eps, pb_relax);
+  return {out, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(const at::Tensor& grad_out,
+                                                                       const at::Tensor& x,
+                                                                       const at::Tensor& weight,
+                                                                       const at::Tensor& stats) {
+  const int64_t hidden = x.size(-1);
+  const at::ScalarType acc = ops::accumulator_type(x);
+  at::Tensor x_rows = as_rows(x, hidden), g_rows = as_rows(grad_out, hidden);
+  at::Tensor w = acc_param(weight, acc);
+  at::Tensor stats_c = stats.to(acc).contiguous();
+  at::Tensor grad_x = at::empty(x.sizes(), x.options());
+  LayerNormBackwardArgs a;
+  a.rows = x_rows.size(0);
+  a.hidden = hidden;
+  a.grad_out = g_rows.data_ptr();
+  a.grad_out_type = elem_type(g_rows, "grad_out");
+  a.grad_out_stride = row_stride(g_rows);
+  a.branch = x_rows.data_ptr();
+  a.branch_type = elem_type(x_rows, "x");
+  a.branch_stride = row_stride(x_rows);
+  a.w_out = w.data_ptr();
+  a.stats = stats_c.data_ptr();
+  a.grad_branch = grad_x.data_ptr();
+  at::Tensor sums = backward(a, acc, x.options());
+  return {grad_x, sums[0].to(weight.scalar_type()), sums[1].to(weight.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_cpu(
+    const at::Tensor& residual, const at::Tensor& branch, const at::Tensor& w_out,
+    const at::Tensor& b_out, const std::optional<at::Tensor>& w_next,
+    const std::optional<at::Tensor>& b_next, double eps, bool pb_relax) {
+  ops::check_add_layer_norm(residual, branch, w_out, b_out, w_next, b_next, eps);
+  return forward(&residual, branch, w_out, b_out, w_next ? &*w_next : nullptr,
+                 b_next ? &*b_next : nullptr, eps, pb_relax);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+add_layer_norm_backward_cpu(const std::optional<at::Tensor>& grad_new_residual,
+                            const std::optional<at::Tensor>& grad_normed, const at::Tensor& branch,
+                            const at::Tensor& new_residual, const at::Tensor& w_out,
+                            const std::optional<at::Tensor>& w_next, const at::Tensor& stats) {
+  const int64_t hidden = branch.size(-1);
+  const at::ScalarType acc = ops::accumulator_type(branch);
+  const bool has_next = w_next.has_value();
+  at::Tensor branch_rows = as_rows(branch, hidden), out_rows = as_rows(new_residual, hidden);
+  at::Tensor gr_rows = grad_new_residual ? as_rows(*grad_new_residual, hidden) : at::Tensor();
+  at::Tensor gn_rows = has_next && grad_normed ? as_rows(*grad_normed, hidden) : at::Tensor();
+  at::Tensor wo = acc_param(w_out, acc), wn = has_next ? acc_param(*w_next, acc) : at::Tensor();
+  at::Tensor stats_c = stats.to(acc).contiguous();
+  at::Tensor grad_residual = at::empty(new_residual.sizes(), new_residual.options());
+  at::Tensor grad_branch = at::empty(branch.sizes(), branch.options());
+
+  LayerNormBackwardArgs a;
+  a.rows = branch_rows.size(0);
+  a.hidden = hidden;
+  if (gr_rows.defined()) {
+    a.grad_out = gr_rows.data_ptr();
+    a.grad_out_type = elem_type(gr_rows, "grad_new_residual");
+    a.grad_out_stride = row_stride(gr_rows);
+  }
+  if (gn_rows.defined()) {
+    a.grad_normed = gn_rows.data_ptr();
+    a.grad_normed_type = elem_type(gn_rows, "grad_normed");
+    a.grad_normed_stride = row_stride(gn_rows);
+  }
+  a.branch = branch_rows.data_ptr();
+  a.branch_type = elem_type(branch_rows, "branch");
+  a.branch_stride = row_stride(branch_rows);
+  a.out = out_rows.data_ptr();
+  a.out_type = elem_type(out_rows, "new_residual");
+  a.out_stride = row_stride(out_rows);
+  a.w_out = wo.data_ptr();
+  a.w_next = has_next ? wn.data_ptr() : nullptr;
+  a.stats = stats_c.data_ptr();
+  a.has_next = has_next;
+  a.grad_branch = grad_branch.data_ptr();
+  a.grad_residual = grad_residual.data_ptr();
+  a.grad_residual_type = a.out_type;
+  at::Tensor sums = backward(a, acc, branch.options());
+  at::Tensor empty = branch.new_empty({0});
+  return {grad_residual,
+          grad_branch,
+          sums[0].to(w_out.scalar_type()),
+          sums[1].to(w_out.scalar_type()),
+          has_next ? sums[2].to(w_next->scalar_type()) : empty,
+          has_next ? sums[3].to(w_next->scalar_type()) : empty};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cogview, CPU, m) {
+  m.impl("layer_norm", &layer_norm_cpu);
+  m.impl("layer_norm_backward", &layer_norm_backward_cpu);
+  m.impl("add_layer_norm", &add_layer_norm_cpu);
+  m.impl("add_layer_norm_backward", &add_layer_norm_backward_cpu);
+}
+
+}  // namespace cogview::cpu
