@@ -1,0 +1,109 @@
+"""Shared benchmark machinery: interleaved timing, medians, bandwidth yardstick, reports.
+
+Every bench script compares candidates on the same inputs in one run, interleaving them
+(A B C A B C ...) so drift on a shared machine hits all of them alike, and reports medians and
+ratios. Results go to stdout as a markdown table and to bench/results/<name>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, few repeats (CI rot check)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per candidate")
+    parser.add_argument("--json", type=Path, default=None, help="where to write the JSON results")
+    if extra:
+        extra(parser)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.repeats is None:
+        args.repeats = 3 if args.smoke else 15
+    return args
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _time_once(fn: Callable[[], object], device: str, inner: int) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / inner
+
+
+def compare(candidates: dict[str, Callable[[], object]], device: str, repeats: int,
+            min_round_s: float = 0.02) -> dict[str, float]:
+    """Median seconds per call of each candidate, timed in interleaved rounds."""
+    inner = {}
+    for name, fn in candidates.items():  # warm up (compilation, caches) and size the rounds
+        fn()
+        fn()
+        once = max(_time_once(fn, device, 1), 1e-7)
+        inner[name] = max(1, int(min_round_s / once))
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            samples[name].append(_time_once(fn, device, inner[name]))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def copy_bandwidth(device: str, numel: int = 1 << 24, repeats: int = 7) -> float:
+    """Measured bytes/s of `x.clone()` (read + write) on an fp32 tensor: the practical ceiling."""
+    x = torch.randn(numel, device=device)
+    seconds = compare({"clone": x.clone}, device, repeats)["clone"]
+    return 2 * x.numel() * x.element_size() / seconds
+
+
+def machine() -> dict:
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor()
+            or platform.machine()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        import cogview
+
+        info["cpu_isa"] = cogview.ops.cpu_isa()
+    except ImportError:
+        pass
+    return info
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(value):
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(col, "")) for col in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(name: str, args, rows: list[dict], columns: list[str], notes: str = "") -> None:
+    print(f"\n## {name} ({'smoke' if args.smoke else 'full'}, device {args.device})\n")
+    print(markdown_table(rows, columns))
+    if notes:
+        print("\n" + notes)
+    path = args.json or RESULTS_DIR / f"{name}{'-smoke' if args.smoke else ''}-{args.device}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"bench": name, "machine": machine(), "smoke": args.smoke, "rows": rows},
+                               indent=2))
+    print(f"\n(results: {path})")
