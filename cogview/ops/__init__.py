@@ -5,11 +5,14 @@ input's device, and otherwise computes through its plain-PyTorch twin in
 `cogview.ops.reference` (correct, slower). `python -m cogview.info` shows which runs where.
 """
 from cogview.ops._registry import KERNELS, cpu_isa, has_kernel, use_cpu_isa, usable_cpu_isas
+from cogview.ops.decoding import decode_attention, kv_cache_write
 from cogview.ops.layer_norm import add_layer_norm, layer_norm
 
 __all__ = [
     "layer_norm",
     "add_layer_norm",
+    "kv_cache_write",
+    "decode_attention",
     "KERNELS",
     "has_kernel",
     "cpu_isa",

@@ -55,3 +55,38 @@ def pb_relax_layer_norm_global(x, weight, bias, eps=1e-5):
     xf = x.to(acc)
     xf = xf / (xf.detach().abs().max() / 8)
     return F.layer_norm(xf, xf.shape[-1:], weight.to(acc), bias.to(acc), eps).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cached decoding: static K/V cache write and attention over it
+# ---------------------------------------------------------------------------------------------
+
+
+def kv_cache_write(k_cache, v_cache, k_new, v_new, start):
+    """In place: cache[b, :, start[b] + i] = new[b, :, i] for i < n (cast to the cache dtype)."""
+    n = k_new.shape[2]
+    positions = start.to(torch.long)[:, None] + torch.arange(n, device=start.device)  # [B, n]
+    index = positions[:, None, :, None].expand(k_new.shape)
+    k_cache.scatter_(2, index, k_new.to(k_cache.dtype))
+    v_cache.scatter_(2, index, v_new.to(v_cache.dtype))
+
+
+def decode_attention(q, k_cache, v_cache, lengths, scale=None, text_len=0, text_bias=0.0):
+    """Attention of n new queries per sequence over its cache, bottom-right aligned.
+
+    q [B, heads, n, d]; caches [B, heads, max_len, d]; lengths [B] counts the valid cached
+    positions INCLUDING the n new ones. Query i of sequence b sits at position
+    lengths[b] - n + i and sees cache positions <= its own. Keys at positions < text_len get
+    `text_bias` added to their logits (CogView's text-attention boost).
+    """
+    batch, heads, n, dim = q.shape
+    max_len = k_cache.shape[2]
+    acc = _accumulator(q)
+    scale = dim**-0.5 if scale is None else scale
+    query_pos = lengths.to(torch.long)[:, None] - n + torch.arange(n, device=q.device)  # [B, n]
+    key_pos = torch.arange(max_len, device=q.device)
+    visible = key_pos[None, None, :] <= query_pos[:, :, None]  # [B, n, max_len]
+    logits = torch.matmul(q.to(acc), k_cache.to(acc).transpose(-1, -2)) * scale
+    logits = logits + text_bias * (key_pos < text_len).to(acc)
+    logits = logits.masked_fill(~visible[:, None], float("-inf"))
+    return torch.matmul(torch.softmax(logits, dim=-1), v_cache.to(acc)).to(q.dtype)

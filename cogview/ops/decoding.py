@@ -1,0 +1,89 @@
+"""Cached decoding: `kv_cache_write` into a static K/V cache and `decode_attention` over it."""
+from __future__ import annotations
+
+import torch
+
+from cogview.ops import _checks, reference
+from cogview.ops._registry import has_kernel
+
+__all__ = ["kv_cache_write", "decode_attention"]
+
+
+def _check_cache_pair(op: str, k_cache, v_cache) -> None:
+    _checks.floating(op, "k_cache", k_cache)
+    _checks.floating(op, "v_cache", v_cache)
+    if k_cache.dim() != 4:
+        raise ValueError(f"cogview.ops.{op}: `k_cache` must be [batch, heads, max_len, head_dim], got shape "
+                         f"{tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"cogview.ops.{op}: `v_cache` has shape {tuple(v_cache.shape)} but `k_cache` has "
+                         f"{tuple(k_cache.shape)}")
+    _checks.same_device(op, "k_cache", k_cache, v_cache=v_cache)
+
+
+def _check_positions(op: str, name: str, value, batch: int, device) -> None:
+    _checks.tensor(op, name, value)
+    if value.dtype not in (torch.int64, torch.int32) or value.shape != (batch,):
+        raise ValueError(f"cogview.ops.{op}: `{name}` must be an int64 tensor of shape ({batch},), got "
+                         f"{value.dtype} {tuple(value.shape)}")
+    _checks.same_device(op, "k_cache", torch.empty(0, device=device), **{name: value})
+
+
+def kv_cache_write(k_cache, v_cache, k_new, v_new, start) -> None:
+    """Write n new keys/values per sequence into the caches, in place, at positions
+    start[b] .. start[b] + n - 1. Caches [B, heads, max_len, d]; k_new/v_new [B, heads, n, d]
+    (cast to the cache dtype); start [B] int64. Out-of-range positions raise ValueError."""
+    op = "kv_cache_write"
+    _check_cache_pair(op, k_cache, v_cache)
+    _checks.floating(op, "k_new", k_new)
+    _checks.floating(op, "v_new", v_new)
+    batch, heads, max_len, dim = k_cache.shape
+    for name, value in (("k_new", k_new), ("v_new", v_new)):
+        if value.dim() != 4 or value.shape[0] != batch or value.shape[1] != heads or value.shape[3] != dim:
+            raise ValueError(f"cogview.ops.{op}: `{name}` must be [{batch}, {heads}, n, {dim}] to match the "
+                             f"cache, got {tuple(value.shape)}")
+    if v_new.shape != k_new.shape:
+        raise ValueError(f"cogview.ops.{op}: `v_new` has shape {tuple(v_new.shape)} but `k_new` has "
+                         f"{tuple(k_new.shape)}")
+    _checks.same_device(op, "k_cache", k_cache, k_new=k_new, v_new=v_new)
+    _check_positions(op, "start", start, batch, k_cache.device)
+    n = k_new.shape[2]
+    if not torch.compiler.is_compiling() and start.numel() and not k_cache.is_cuda:
+        lo, hi = int(start.min()), int(start.max())
+        if lo < 0 or hi + n > max_len:
+            raise ValueError(f"cogview.ops.{op}: writing {n} positions from `start` in [{lo}, {hi}] overruns "
+                             f"the cache (max_len {max_len})")
+    if has_kernel(op, k_cache.device.type):
+        torch.ops.cogview.kv_cache_write(k_cache, v_cache, k_new, v_new, start)
+        return
+    reference.kv_cache_write(k_cache, v_cache, k_new, v_new, start)
+
+
+def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, text_len=0, text_bias=0.0):
+    """Attention of the n newest queries of each sequence over its cached keys/values.
+
+    q [B, heads, n, d]; lengths [B] int64 = valid cached positions INCLUDING the n new ones
+    (already written). Query i sits at position lengths[b] - n + i and attends to cache
+    positions <= its own. Logit = (q . k) * scale (default d**-0.5), + text_bias for keys at
+    positions < text_len. Returns [B, heads, n, d] in q's dtype.
+    """
+    op = "decode_attention"
+    _checks.floating(op, "q", q)
+    _check_cache_pair(op, k_cache, v_cache)
+    batch, heads, max_len, dim = k_cache.shape
+    if q.dim() != 4 or q.shape[0] != batch or q.shape[1] != heads or q.shape[3] != dim:
+        raise ValueError(f"cogview.ops.{op}: `q` must be [{batch}, {heads}, n, {dim}] to match the cache, got "
+                         f"{tuple(q.shape)}")
+    _checks.same_device(op, "q", q, k_cache=k_cache)
+    _check_positions(op, "lengths", lengths, batch, q.device)
+    n = q.shape[2]
+    if not torch.compiler.is_compiling() and lengths.numel() and not q.is_cuda:
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < n or hi > max_len:
+            raise ValueError(f"cogview.ops.{op}: `lengths` must lie in [n, max_len] = [{n}, {max_len}], got "
+                             f"values in [{lo}, {hi}]")
+    scale = dim**-0.5 if scale is None else float(scale)
+    if has_kernel(op, q.device.type):
+        return torch.ops.cogview.decode_attention(q, k_cache, v_cache, lengths, scale, int(text_len),
+                                                  float(text_bias))
+    return reference.decode_attention(q, k_cache, v_cache, lengths, scale, int(text_len), float(text_bias))
