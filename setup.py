@@ -136,7 +136,8 @@ def _extension():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
     isas = list(sources.isa_flags())
-    generated = ROOT / "build" / "generated"
+    # One generated header per configuration, so CPU-only and CUDA builds of one tree never mix.
+    generated = ROOT / "build" / "generated" / ("cuda" if with_cuda else "cpu")
     _write_build_info(generated / "build_info.h", with_cuda, arch_list, isas)
 
     opt = ["-O0", "-g"] if _flag("COGVIEW_DEBUG") else ["-O3"]

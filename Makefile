@@ -1,0 +1,79 @@
+# The two commands of the README:
+#   make demo   set up everything on a fresh machine and run the main job
+#   make test   set up everything on a fresh machine and run the whole test suite (CI runs this)
+# Other targets: install, bench, cmake-check, cuda-check, wheel-check, clean.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+CUDA_TORCH_VERSION ?= 2.14.1
+PY := $(VENV)/bin/python
+CUDA_VENV ?= .venv-cuda
+WHEEL_VENV ?= .venv-wheel
+# A pip-installed compiler cache, when present, makes rebuilds cheap.
+CCACHE := $(shell command -v ccache 2>/dev/null)
+ifneq ($(CCACHE),)
+export CXX := ccache c++
+export PYTORCH_NVCC := ccache nvcc
+CMAKE_LAUNCHER := -DCMAKE_CXX_COMPILER_LAUNCHER=ccache
+endif
+
+.PHONY: demo test install bench cmake-check cuda-check wheel-check clean
+
+$(VENV)/.torch-$(TORCH_VERSION):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q --disable-pip-version-check "setuptools>=64" wheel ninja
+	touch $@
+
+install: $(VENV)/.torch-$(TORCH_VERSION)
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e '.[test]'
+
+demo: install
+	$(PY) -m cogview.info
+	$(PY) bench/layer_norm.py --no-compile --dtypes float32
+
+test: install
+	@set +e; HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests: that is a failure here"; exit 1; fi; \
+	exit $$rc
+
+bench: install
+	for script in bench/layer_norm.py; do $(PY) $$script || exit 1; done
+
+# The same _C through CMake (C++ tooling, sanitizer builds), so CMakeLists.txt cannot rot.
+cmake-check: install
+	cmake -S . -B build/cmake -G Ninja -DPython3_EXECUTABLE=$(abspath $(PY)) $(CMAKE_LAUNCHER) > /dev/null
+	cmake --build build/cmake
+	rm -rf build/cmake-stage && mkdir -p build/cmake-stage && cp -r cogview build/cmake-stage/
+	rm -f build/cmake-stage/cogview/_C*.so && cp build/cmake/_C*.so build/cmake-stage/cogview/
+	cd build/cmake-stage && $(abspath $(PY)) -c "import cogview, torch; \
+	  assert cogview._native.BUILD_INFO['build_tool'] == 'cmake'; x = torch.randn(4, 33); \
+	  w, b = torch.ones(33), torch.zeros(33); \
+	  torch.testing.assert_close(cogview.ops.layer_norm(x, w, b), cogview.ops.reference.layer_norm(x, w, b)); \
+	  print('cmake build of cogview._C: OK')"
+
+# Compile and link every CUDA kernel without a GPU (CUDA build of torch + nvcc), then check that each
+# op with a CUDA kernel in csrc/cuda is registered for CUDA.
+CUDA_HOME ?= $(shell for d in "$$CUDA_HOME" /usr/local/cuda; do [ -x "$$d/bin/nvcc" ] && { echo $$d; break; }; done)
+cuda-check:
+	@if [ -z "$(CUDA_HOME)" ]; then echo "cuda-check: no CUDA toolkit (nvcc) found; set CUDA_HOME"; exit 1; fi
+	[ -f $(CUDA_VENV)/.torch-$(CUDA_TORCH_VERSION) ] || { $(PYTHON) -m venv $(CUDA_VENV) && \
+	  $(CUDA_VENV)/bin/pip install -q --disable-pip-version-check "torch==$(CUDA_TORCH_VERSION)" \
+	    "setuptools>=64" wheel ninja numpy && touch $(CUDA_VENV)/.torch-$(CUDA_TORCH_VERSION); }
+	CUDA_HOME=$(CUDA_HOME) COGVIEW_FORCE_CUDA=1 MAX_JOBS=$${MAX_JOBS:-2} $(CUDA_VENV)/bin/python setup.py -q \
+	  build_ext --build-temp build/cuda-temp --build-lib build/cuda-lib
+	rm -rf build/cuda-stage && mkdir -p build/cuda-stage && cp -r cogview build/cuda-stage/
+	rm -f build/cuda-stage/cogview/_C*.so && cp build/cuda-lib/cogview/_C*.so build/cuda-stage/cogview/
+	cd build/cuda-stage && $(abspath $(CUDA_VENV))/bin/python $(abspath build_tools/cuda_check.py)
+
+# Build a wheel, install it (not editable) in a fresh environment, and use it from outside the tree.
+wheel-check: install
+	rm -rf dist && $(PY) -m pip wheel -q --disable-pip-version-check --no-build-isolation --no-deps -w dist .
+	rm -rf $(WHEEL_VENV) && $(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/pip install -q --disable-pip-version-check "torch==$(TORCH_VERSION)"
+	$(WHEEL_VENV)/bin/pip install -q --disable-pip-version-check dist/cogview-*.whl
+	cd /tmp && $(abspath $(WHEEL_VENV))/bin/python $(abspath build_tools/wheel_smoke.py)
+
+clean:
+	rm -rf build dist *.egg-info cogview/_C*.so

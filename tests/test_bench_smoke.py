@@ -1,0 +1,26 @@
+"""Every benchmark script runs at tiny sizes, so bench/ cannot rot."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+SCRIPTS = sorted(p for p in BENCH.glob("*.py") if not p.name.startswith("_"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[p.stem for p in SCRIPTS])
+def test_bench_script_smoke(script, tmp_path):
+    out = tmp_path / "result.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH.parent), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--json", str(out)], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, f"{script.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    if "needs a GPU" in proc.stdout:  # GPU-only scripts say so and exit cleanly on this machine
+        return
+    result = json.loads(out.read_text())
+    assert result["smoke"] is True and result["rows"], f"{script.name} reported no rows"
