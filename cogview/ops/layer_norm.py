@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from cogview.ops import _checks, reference
-from cogview.ops._registry import has_kernel
 
 __all__ = ["layer_norm", "add_layer_norm"]
 
@@ -29,7 +28,6 @@ def _check_param(op: str, name: str, value, x: torch.Tensor, *inputs: torch.Tens
         raise TypeError(
             f"cogview.ops.{op}: `{name}` must be float32 or an input's dtype ({x.dtype}), got {value.dtype}"
         )
-    _checks.same_device(op, "the input", x, **{name: value})
 
 
 def _check_input(op: str, name: str, x) -> None:
@@ -49,12 +47,12 @@ def layer_norm(
     max taken per row (see `reference.pb_relax_layer_norm_global` for the original global form).
     """
     op = "layer_norm"
+    if _checks.kernel_path(op, "x", x, weight=weight, bias=bias):
+        return torch.ops.cogview.layer_norm(x, weight, bias, eps, bool(pb_relax))[0]
     _check_input(op, "x", x)
     _check_param(op, "weight", weight, x)
     _check_param(op, "bias", bias, x)
     eps = _checks.finite_nonnegative(op, "eps", eps)
-    if has_kernel(op, x.device.type):
-        return torch.ops.cogview.layer_norm(x, weight, bias, eps, bool(pb_relax))[0]
     return reference.layer_norm(x, weight, bias, eps, pb_relax)
 
 
@@ -74,6 +72,12 @@ def add_layer_norm(
     One pass over memory: residual and branch are read once, each output written once.
     """
     op = "add_layer_norm"
+    if _checks.kernel_path(op, "branch", branch, residual=residual, w_out=w_out, b_out=b_out, w_next=w_next,
+                           b_next=b_next):
+        new_residual, normed, _ = torch.ops.cogview.add_layer_norm(
+            residual, branch, w_out, b_out, w_next, b_next, eps, bool(pb_relax)
+        )
+        return new_residual, (normed if w_next is not None else None)
     _check_input(op, "residual", residual)
     _check_input(op, "branch", branch)
     if residual.shape != branch.shape:
@@ -81,7 +85,6 @@ def add_layer_norm(
             f"cogview.ops.{op}: `residual` has shape {tuple(residual.shape)} but `branch` has shape "
             f"{tuple(branch.shape)}"
         )
-    _checks.same_device(op, "branch", branch, residual=residual)
     if (residual.dtype == torch.float64) != (branch.dtype == torch.float64):
         raise TypeError(
             f"cogview.ops.{op}: float64 `residual` and `branch` must both be float64, got "
@@ -95,11 +98,6 @@ def add_layer_norm(
         _check_param(op, "w_next", w_next, branch, residual)
         _check_param(op, "b_next", b_next, branch, residual)
     eps = _checks.finite_nonnegative(op, "eps", eps)
-    if has_kernel(op, branch.device.type):
-        new_residual, normed, _ = torch.ops.cogview.add_layer_norm(
-            residual, branch, w_out, b_out, w_next, b_next, eps, bool(pb_relax)
-        )
-        return new_residual, (normed if w_next is not None else None)
     return reference.add_layer_norm(residual, branch, w_out, b_out, w_next, b_next, eps, pb_relax)
 
 
