@@ -22,18 +22,24 @@ struct RowStats {
 // LayerNorm(x) with eps * c^2, computed here without the division. An all-zero row keeps c = 1.
 template <typename acc_t>
 RowStats<acc_t> row_stats(const acc_t* __restrict x, int64_t n, double eps, bool pb_relax) {
-  acc_t sum = 0, amax = 0;
-#pragma omp simd reduction(+ : sum) reduction(max : amax)
-  for (int64_t i = 0; i < n; ++i) {
-    sum += x[i];
-    amax = std::fabs(x[i]) > amax ? std::fabs(x[i]) : amax;
-  }
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += x[i];
   const acc_t mean = sum / static_cast<acc_t>(n);
-  acc_t sq = 0;
+  acc_t sq = 0, amax = 0;
+  if (pb_relax) {
+#pragma omp simd reduction(+ : sq) reduction(max : amax)
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t d = x[i] - mean;
+      sq += d * d;
+      amax = std::fabs(x[i]) > amax ? std::fabs(x[i]) : amax;
+    }
+  } else {
 #pragma omp simd reduction(+ : sq)
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t d = x[i] - mean;
-    sq += d * d;
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t d = x[i] - mean;
+      sq += d * d;
+    }
   }
   acc_t eps_eff = static_cast<acc_t>(eps);
   if (pb_relax) {
@@ -44,19 +50,27 @@ RowStats<acc_t> row_stats(const acc_t* __restrict x, int64_t n, double eps, bool
   return {mean, acc_t(1) / std::sqrt(var + eps_eff)};
 }
 
+// y = (x - mean) * rstd * w + b (+ residual when given).
 template <typename acc_t>
 void normalize(acc_t* __restrict y, const acc_t* __restrict x, RowStats<acc_t> s,
-               const acc_t* __restrict w, const acc_t* __restrict b, int64_t n) {
+               const acc_t* __restrict w, const acc_t* __restrict b, const acc_t* __restrict residual,
+               int64_t n) {
+  if (residual != nullptr) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - s.mean) * s.rstd * w[i] + b[i];
+    for (int64_t i = 0; i < n; ++i) y[i] = residual[i] + ((x[i] - s.mean) * s.rstd * w[i] + b[i]);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - s.mean) * s.rstd * w[i] + b[i];
+  }
 }
 
 template <typename acc_t>
 void forward_rows(const LayerNormForwardArgs& a, int64_t begin, int64_t end) {
   const int64_t n = a.hidden;
-  std::unique_ptr<acc_t[]> storage(new acc_t[2 * n]);
+  std::unique_ptr<acc_t[]> storage(new acc_t[3 * n]);
   acc_t* x = storage.get();
   acc_t* y = x + n;
+  acc_t* res = y + n;
   const auto* w_out = static_cast<const acc_t*>(a.w_out);
   const auto* b_out = static_cast<const acc_t*>(a.b_out);
   const auto* w_next = static_cast<const acc_t*>(a.w_next);
@@ -66,29 +80,31 @@ void forward_rows(const LayerNormForwardArgs& a, int64_t begin, int64_t end) {
   auto* stats = static_cast<acc_t*>(a.stats);
   const int64_t out_size = elem_size(a.out_type), normed_size = elem_size(a.normed_type);
   const int64_t branch_size = elem_size(a.branch_type), res_size = elem_size(a.residual_type);
+  // The second LayerNorm must see the new residual exactly as stored (rounded to its dtype), so
+  // `normed` equals LN(new_residual) of the unfused composition. Storing in the accumulator's
+  // own precision rounds nothing, and the buffer can be used as it is.
+  const bool out_is_exact = a.out_type == (a.f64 ? ElemType::f64 : ElemType::f32);
 
   for (int64_t r = begin; r < end; ++r) {
     const char* branch = static_cast<const char*>(a.branch) + r * a.branch_stride * branch_size;
     char* out = static_cast<char*>(a.out) + r * n * out_size;
     load_row(x, branch, a.branch_type, n);
     const RowStats<acc_t> s1 = row_stats(x, n, a.eps, a.pb_relax);
-    normalize(y, x, s1, w_out, b_out, n);
+    const acc_t* residual = nullptr;
     if (a.residual != nullptr) {
-      const char* res = static_cast<const char*>(a.residual) + r * a.residual_stride * res_size;
-      load_row(x, res, a.residual_type, n);
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+      load_row(res, static_cast<const char*>(a.residual) + r * a.residual_stride * res_size,
+               a.residual_type, n);
+      residual = res;
     }
+    normalize(y, x, s1, w_out, b_out, residual, n);
     store_row(out, y, a.out_type, n);
     stats[r * stat_cols + 0] = s1.mean;
     stats[r * stat_cols + 1] = s1.rstd;
     if (!has_next) continue;
-    // The second LayerNorm sees the new residual exactly as stored (rounded to its dtype), so
-    // `normed` equals LN(new_residual) of the unfused composition.
-    load_row(x, out, a.out_type, n);
-    const RowStats<acc_t> s2 = row_stats(x, n, a.eps, a.pb_relax);
-    normalize(y, x, s2, w_next, b_next, n);
-    store_row(static_cast<char*>(a.normed) + r * n * normed_size, y, a.normed_type, n);
+    if (!out_is_exact) load_row(y, out, a.out_type, n);
+    const RowStats<acc_t> s2 = row_stats(y, n, a.eps, a.pb_relax);
+    normalize(x, y, s2, w_next, b_next, static_cast<const acc_t*>(nullptr), n);
+    store_row(static_cast<char*>(a.normed) + r * n * normed_size, x, a.normed_type, n);
     stats[r * stat_cols + 2] = s2.mean;
     stats[r * stat_cols + 3] = s2.rstd;
   }
