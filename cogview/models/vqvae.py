@@ -32,6 +32,7 @@ and the ring buffer are transient (not in the state dict).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -270,14 +271,13 @@ class VQVAE(nn.Module):
         if not isinstance(config, VQVAEConfig):
             raise TypeError(f"VQVAE: `config` must be a VQVAEConfig, got {type(config).__name__}")
         self.config = config
-        self.encoder = Encoder(config)
-        self.quantizer = EMAQuantizer(config.codebook_size, config.embed_dim, decay=config.decay, eps=config.eps,
-                                      restart_window=config.restart_window,
-                                      restart_min_usage=config.restart_min_usage,
-                                      restart_buffer=config.restart_buffer)
-        self.decoder = Decoder(config)
-        if device is not None:
-            self.to(device=device)
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self.encoder = Encoder(config)
+            self.quantizer = EMAQuantizer(config.codebook_size, config.embed_dim, decay=config.decay, eps=config.eps,
+                                          restart_window=config.restart_window,
+                                          restart_min_usage=config.restart_min_usage,
+                                          restart_buffer=config.restart_buffer)
+            self.decoder = Decoder(config)
         if dtype is not None:  # the convolutions only: the codebook statistics stay float32
             self.encoder.to(dtype=dtype)
             self.decoder.to(dtype=dtype)
