@@ -204,6 +204,25 @@ def test_dead_codes_are_restarted_from_recent_encoder_outputs():
     assert q3(z).restarted == 0 and (q3.embed[4:] > 50).all()
 
 
+def test_training_state_makes_restarts_resumable():
+    images = square_images(8)
+    torch.manual_seed(3)
+    a = VQVAE(vqvae_presets["test-x4"]).train()
+    a(images[:3])  # a partly filled usage window and ring buffer
+    saved_weights = {k: v.clone() for k, v in a.state_dict().items()}
+    saved_state = a.quantizer.training_state()
+    rng = torch.get_rng_state()
+    restarts = sum(a(images).restarted for _ in range(3))
+    assert restarts > 0
+    resumed = VQVAE(vqvae_presets["test-x4"]).train()
+    resumed.load_state_dict(saved_weights)
+    resumed.quantizer.load_training_state(saved_state)
+    torch.set_rng_state(rng)
+    assert sum(resumed(images).restarted for _ in range(3)) == restarts
+    for k, v in a.quantizer.state_dict().items():
+        assert torch.equal(resumed.quantizer.state_dict()[k], v), k
+
+
 def test_restarts_keep_the_codebook_in_use_during_training():
     """From a random codebook (all vectors mapped to one code at first) the usage climbs."""
     vqvae = VQVAE(vqvae_presets["test-x4"]).train()

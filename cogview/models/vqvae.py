@@ -28,7 +28,9 @@ Dead-code restart: in training the quantizer counts how often each code is chose
 randomly drawn encoder outputs from a ring buffer of recent ones (their EMA state reset to one hit at
 that vector), and the counts start over. Under torch.distributed the EMA statistics are all-reduced
 and restarts are drawn on rank 0 and broadcast, so every rank keeps the same codebook. The usage counts
-and the ring buffer are transient (not in the state dict).
+and the ring buffer are not in the state dict (not model weights); a trainer that wants bit-exact resumes
+saves `quantizer.training_state()` and restores it with `load_training_state` (restarts draw from the
+global torch RNG, which the trainer saves anyway).
 """
 from __future__ import annotations
 
@@ -225,6 +227,26 @@ class EMAQuantizer(nn.Module):
         self._usage.zero_()
         self._seen = 0.0
         return num_dead
+
+    # ---- transient training state (for exact resumes; not part of the model weights) ----
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """The restart bookkeeping (usage window, ring buffer of recent encoder outputs) as tensors, for a
+        trainer's checkpoint, so an interrupted + resumed run restarts the same codes at the same steps."""
+        state = {"seen": torch.tensor(self._seen, dtype=torch.float64),
+                 "recent_filled": torch.tensor(self._recent_filled), "recent_pos": torch.tensor(self._recent_pos)}
+        if self._usage is not None:
+            state["usage"] = self._usage.clone()
+        if self._recent is not None:
+            state["recent"] = self._recent.clone()
+        return state
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        device = self.embed.device
+        self._seen = float(state["seen"])
+        self._recent_filled = int(state["recent_filled"])
+        self._recent_pos = int(state["recent_pos"])
+        self._usage = state["usage"].to(device).clone() if "usage" in state else None
+        self._recent = state["recent"].to(device).clone() if "recent" in state else None
 
     # ---- forward ----
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
