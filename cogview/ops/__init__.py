@@ -4,7 +4,7 @@ Every op here dispatches to a hand-written C++/CUDA kernel when one is registere
 input's device, and otherwise computes through its plain-PyTorch twin in
 `cogview.ops.reference` (correct, slower). `python -m cogview.info` shows which runs where.
 """
-from cogview.ops._registry import KERNELS, cpu_isa, has_kernel, use_cpu_isa, usable_cpu_isas
+from cogview.ops._registry import KERNELS, cpu_isa, force_reference, has_kernel, use_cpu_isa, usable_cpu_isas
 from cogview.ops.decoding import decode_attention, kv_cache_write
 from cogview.ops.layer_norm import add_layer_norm, layer_norm
 
@@ -15,6 +15,7 @@ __all__ = [
     "decode_attention",
     "KERNELS",
     "has_kernel",
+    "force_reference",
     "cpu_isa",
     "usable_cpu_isas",
     "use_cpu_isa",

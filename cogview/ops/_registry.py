@@ -36,9 +36,30 @@ KERNELS: dict[str, dict[str, bool]] = {
 }
 
 
+# Set only by `force_reference()` below; a module global that torch.compile guards on.
+_FORCE_REFERENCE = False
+
+
 def has_kernel(op: str, device_type: str) -> bool:
-    """True when `op` has a hand-written kernel for `device_type` ("cpu", "cuda", ...)."""
+    """True when `op` has a hand-written kernel for `device_type` ("cpu", "cuda", ...) and
+    `force_reference()` is not active."""
+    if _FORCE_REFERENCE:
+        return False
     return KERNELS[op].get(device_type, False)
+
+
+@contextlib.contextmanager
+def force_reference() -> Iterator[None]:
+    """Inside the block every cogview op computes through its plain-PyTorch twin in
+    `cogview.ops.reference`, kernels or not (`has_kernel` answers False). For tests that hold a
+    whole model on kernels against the same model on the reference ops, and for benchmarks."""
+    global _FORCE_REFERENCE
+    previous = _FORCE_REFERENCE
+    _FORCE_REFERENCE = True
+    try:
+        yield
+    finally:
+        _FORCE_REFERENCE = previous
 
 
 def cpu_isa() -> str:
