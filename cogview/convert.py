@@ -166,7 +166,9 @@ def _torch_load(file: Path):
                 f"{file}: cannot be read with torch.load(weights_only=True): "
                 + (f"it references {refused}, which this converter does not allow" if refused else str(first))
             ) from None
-        with torch.serialization.safe_globals([benign[n] for n in needed]):
+        # all of the allow-list, not just the names the file references: unpickling numpy dtypes BUILDs
+        # instances of classes (numpy.dtypes.UInt32DType) that are never named as globals
+        with torch.serialization.safe_globals(list(benign.values())):
             return attempt_any()
 
 
@@ -183,7 +185,7 @@ def load_release_state(file: str | os.PathLike, *, what: str = "checkpoint") -> 
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
         raise CheckpointCorruptError(f"{file}: not a readable PyTorch checkpoint (truncated or damaged?): "
                                      f"{error}") from None
-    if isinstance(data, dict) and not any(isinstance(v, torch.Tensor) for v in data.values()):
+    if isinstance(data, dict):
         for key in ("module", "state_dict", "model"):
             if isinstance(data.get(key), dict):
                 data = data[key]
