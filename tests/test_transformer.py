@@ -129,6 +129,54 @@ def test_cogview_init():
     assert torch.all(layer.third_layernorm.weight == 1) and torch.all(layer.fourth_layernorm.bias == 0)
 
 
+def plain_cogview_forward(state: dict, config: TransformerConfig, tokens: torch.Tensor, global_pb_relax: bool):
+    """A straightforward re-implementation of the facts' layer from a state dict: unfused LayerNorms
+    (optionally CogView's literal PB-relax with one global max), q pre-scaled before QK^T, masked
+    scores set to -10000, explicit softmax."""
+    from cogview.ops.reference import pb_relax_layer_norm_global
+
+    def ln(x, prefix):
+        w, b = state[prefix + ".weight"], state[prefix + ".bias"]
+        if global_pb_relax:
+            return pb_relax_layer_norm_global(x, w, b, config.layernorm_eps)
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], w, b, config.layernorm_eps)
+
+    def linear(x, prefix):
+        return torch.nn.functional.linear(x, state[prefix + ".weight"], state[prefix + ".bias"])
+
+    batch, seq = tokens.shape
+    heads, d = config.num_heads, config.head_dim
+    x = state["word_embeddings.weight"][tokens] + state["position_embeddings.weight"][:seq]
+    mask = torch.tril(torch.ones(seq, seq))
+    for i in range(config.num_layers):
+        p = f"layers.{i}."
+        qkv = linear(ln(x, p + "input_layernorm"), p + "attention.query_key_value")
+        q, k, v = (t.view(batch, seq, heads, d).transpose(1, 2) for t in qkv.split(config.hidden_size, dim=-1))
+        scores = torch.matmul(q / math.sqrt(d), k.transpose(-1, -2))
+        scores = scores * mask - 10000.0 * (1.0 - mask)
+        context = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2).reshape(batch, seq, -1)
+        x = x + ln(linear(context, p + "attention.dense"), p + "third_layernorm")
+        h = linear(ln(x, p + "post_attention_layernorm"), p + "mlp.dense_h_to_4h")
+        h = torch.nn.functional.gelu(h, approximate="tanh")
+        x = x + ln(linear(h, p + "mlp.dense_4h_to_h"), p + "fourth_layernorm")
+    return torch.nn.functional.linear(ln(x, "final_layernorm"), state["word_embeddings.weight"])
+
+
+@pytest.mark.parametrize("pb_relax", [False, True])
+@torch.no_grad()
+def test_matches_a_plain_reimplementation_of_the_cogview_layer(pb_relax):
+    model = tiny(pb_relax=pb_relax)
+    with torch.no_grad():  # non-trivial LayerNorm affines and biases, so every parameter matters
+        for name, p in model.named_parameters():
+            if "layernorm" in name or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    tokens = random_tokens(TINY, 2, 16, seed=11)
+    expected = plain_cogview_forward(model.state_dict(), TINY, tokens, global_pb_relax=pb_relax)
+    # PB-relax: the model's per-row max and the original's global max differ only through eps (~1e-7
+    # here; PB-relax on vs off differs by ~3e-4 on these weights, so the tolerance tells them apart).
+    torch.testing.assert_close(model(tokens), expected, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernels vs reference ops
 # ---------------------------------------------------------------------------------------------
@@ -268,6 +316,53 @@ def test_decode_step_compiles_without_graph_breaks():
     step = torch.compile(model.decode_step, fullgraph=True)
     torch.testing.assert_close(step(tokens, positions, compiled_cache, start), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(compiled_cache.k, eager_cache.k)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_cuda_cached_decoding_equals_full_forward(dtype):
+    model = tiny(pb_relax=True).to("cuda", dtype)
+    tokens = random_tokens(TINY, 3, 20, seed=12).cuda()
+    positions = torch.arange(20, device="cuda")[None, :].expand(3, -1)
+    full = model(tokens, text_len=6, text_bias=1.4)
+    cache = model.new_cache(3, 24)
+    start = torch.zeros(3, dtype=torch.long, device="cuda")
+    pieces = []
+    for at, n in ((0, 7), (7, 1), (8, 5), (13, 7)):
+        pieces.append(model.decode_step(tokens[:, at: at + n], positions[:, at: at + n], cache, start,
+                                        text_len=6, text_bias=1.4))
+        start = start + n
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(torch.cat(pieces, dim=1).float(), full.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_cuda_decode_step_replays_from_a_cuda_graph():
+    """One decode step captured once, replayed token by token, equals the full forward."""
+    model = tiny().cuda()
+    batch, total, prompt = 2, 16, 4
+    tokens = random_tokens(TINY, batch, total, seed=13).cuda()
+    full = model(tokens)
+    cache = model.new_cache(batch, total)
+    start = torch.zeros(batch, dtype=torch.long, device="cuda")
+    model.decode_step(tokens[:, :prompt], torch.arange(prompt, device="cuda")[None, :], cache, start)
+    static_token = tokens[:, prompt: prompt + 1].clone()
+    static_start = torch.full((batch,), prompt, dtype=torch.long, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (writes slot `prompt`, rewritten below)
+        model.decode_step(static_token, static_start[:, None], cache, static_start)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_logits = model.decode_step(static_token, static_start[:, None], cache, static_start)
+    for i in range(prompt, total):
+        static_token.copy_(tokens[:, i: i + 1])
+        static_start.fill_(i)
+        graph.replay()
+        torch.testing.assert_close(static_logits[:, 0], full[:, i], rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -141,7 +141,7 @@ def _causal_additive_mask(seq_len: int, text_len: int, text_bias: float, dtype, 
     positions = torch.arange(seq_len, device=device)
     visible = positions[None, :] <= positions[:, None]
     bias = torch.where(positions < text_len, text_bias, 0.0).to(dtype)
-    return torch.where(visible, bias[None, :], torch.tensor(float("-inf"), dtype=dtype, device=device))
+    return bias[None, :].expand(seq_len, seq_len).masked_fill(~visible, float("-inf"))
 
 
 def full_causal_attention(q, k, v, *, scale: float, text_len: int = 0, text_bias: float = 0.0,

@@ -28,10 +28,13 @@ Dead-code restart: in training the quantizer counts how often each code is chose
 randomly drawn encoder outputs from a ring buffer of recent ones (their EMA state reset to one hit at
 that vector), and the counts start over. Under torch.distributed the EMA statistics are all-reduced
 and restarts are drawn on rank 0 and broadcast, so every rank keeps the same codebook. The usage counts
-and the ring buffer are transient (not in the state dict).
+and the ring buffer are not in the state dict (not model weights); a trainer that wants bit-exact resumes
+saves `quantizer.training_state()` and restores it with `load_training_state` (restarts draw from the
+global torch RNG, which the trainer saves anyway).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -225,6 +228,26 @@ class EMAQuantizer(nn.Module):
         self._seen = 0.0
         return num_dead
 
+    # ---- transient training state (for exact resumes; not part of the model weights) ----
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """The restart bookkeeping (usage window, ring buffer of recent encoder outputs) as tensors, for a
+        trainer's checkpoint, so an interrupted + resumed run restarts the same codes at the same steps."""
+        state = {"seen": torch.tensor(self._seen, dtype=torch.float64),
+                 "recent_filled": torch.tensor(self._recent_filled), "recent_pos": torch.tensor(self._recent_pos)}
+        if self._usage is not None:
+            state["usage"] = self._usage.clone()
+        if self._recent is not None:
+            state["recent"] = self._recent.clone()
+        return state
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        device = self.embed.device
+        self._seen = float(state["seen"])
+        self._recent_filled = int(state["recent_filled"])
+        self._recent_pos = int(state["recent_pos"])
+        self._usage = state["usage"].to(device).clone() if "usage" in state else None
+        self._recent = state["recent"].to(device).clone() if "recent" in state else None
+
     # ---- forward ----
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """z [B, dim, h, w] -> QuantizerOutput. In training mode also updates the codebook (EMA) and
@@ -270,14 +293,13 @@ class VQVAE(nn.Module):
         if not isinstance(config, VQVAEConfig):
             raise TypeError(f"VQVAE: `config` must be a VQVAEConfig, got {type(config).__name__}")
         self.config = config
-        self.encoder = Encoder(config)
-        self.quantizer = EMAQuantizer(config.codebook_size, config.embed_dim, decay=config.decay, eps=config.eps,
-                                      restart_window=config.restart_window,
-                                      restart_min_usage=config.restart_min_usage,
-                                      restart_buffer=config.restart_buffer)
-        self.decoder = Decoder(config)
-        if device is not None:
-            self.to(device=device)
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self.encoder = Encoder(config)
+            self.quantizer = EMAQuantizer(config.codebook_size, config.embed_dim, decay=config.decay, eps=config.eps,
+                                          restart_window=config.restart_window,
+                                          restart_min_usage=config.restart_min_usage,
+                                          restart_buffer=config.restart_buffer)
+            self.decoder = Decoder(config)
         if dtype is not None:  # the convolutions only: the codebook statistics stay float32
             self.encoder.to(dtype=dtype)
             self.decoder.to(dtype=dtype)
