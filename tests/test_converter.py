@@ -397,3 +397,45 @@ def test_pickles_with_arbitrary_objects_are_refused(tmp_path):
     folder, *_ = write_release(tmp_path, "cogview")
     state = load_release_state(folder / "1000" / "mp_rank_00_model_states.pt")
     assert "word_embeddings.weight" in state and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def test_the_4b_release_shapes_give_the_cogview_4b_preset():
+    """The real release's key layout and shapes (as meta tensors: no memory) convert with the default
+    arguments into exactly the `cogview-4b` preset, and its VQ-VAE into the `cogview` VQ-VAE."""
+    from cogview.models import presets, vqvae_presets
+
+    h, layers = 2560, 48
+    meta = dict(device="meta", dtype=torch.float16)
+    sd = {"word_embeddings.weight": torch.empty(58240, h, **meta),
+          "transformer.position_embeddings.weight": torch.empty(1089, h, **meta),
+          "transformer.final_layernorm.weight": torch.empty(h, **meta),
+          "transformer.final_layernorm.bias": torch.empty(h, **meta)}
+    for i in range(layers):
+        p = f"transformer.layers.{i}."
+        for ln in ("input_layernorm", "post_attention_layernorm", "third_layernorm", "fourth_layernorm"):
+            sd[p + ln + ".weight"] = torch.empty(h, **meta)
+            sd[p + ln + ".bias"] = torch.empty(h, **meta)
+        for name, out_f, in_f in (("attention.query_key_value", 3 * h, h), ("attention.dense", h, h),
+                                  ("mlp.dense_h_to_4h", 4 * h, h), ("mlp.dense_4h_to_h", h, 4 * h)):
+            sd[p + name + ".weight"] = torch.empty(out_f, in_f, **meta)
+            sd[p + name + ".bias"] = torch.empty(out_f, **meta)
+    state, config, variant = convert_transformer_state(sd)
+    assert variant == "cogview" and config == presets["cogview-4b"].transformer
+    assert sum(v.numel() for v in state.values()) == 3_928_849_920
+
+    from cogview.convert import convert_vqvae_state
+
+    vq = {"module.quantize_t.embed": torch.empty(256, 8192, device="meta"),
+          "module.quantize_t.embed_avg": torch.empty(256, 8192, device="meta"),
+          "module.quantize_t.cluster_size": torch.empty(8192, device="meta")}
+    for i, (o, c, k) in zip((0, 2, 4, 6), ((512, 3, 4), (512, 512, 4), (512, 512, 4), (256, 512, 1))):
+        vq[f"module.enc_b.blocks.{i}.weight"] = torch.empty(o, c, k, k, device="meta")
+        vq[f"module.enc_b.blocks.{i}.bias"] = torch.empty(o, device="meta")
+    for i, (c, o, k) in zip((0, 2, 4), ((256, 512, 4), (512, 512, 4), (512, 512, 4))):
+        vq[f"module.dec.blocks.{i}.weight"] = torch.empty(c, o, k, k, device="meta")
+        vq[f"module.dec.blocks.{i}.bias"] = torch.empty(o, device="meta")
+    vq["module.dec.blocks.6.weight"] = torch.empty(3, 512, 1, 1, device="meta")
+    vq["module.dec.blocks.6.bias"] = torch.empty(3, device="meta")
+    vq_state, vq_config = convert_vqvae_state(vq)
+    assert vq_config == vqvae_presets["cogview"]
+    assert vq_state["quantizer.embed"].shape == (8192, 256)
