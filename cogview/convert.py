@@ -154,22 +154,23 @@ def _torch_load(file: Path):
 
     try:
         return attempt_any()
-    except pickle.UnpicklingError as first:
+    except pickle.UnpicklingError:
+        pass
+    # Retry with the allow-list (all of it: unpickling numpy dtypes BUILDs instances of classes such as
+    # numpy.dtypes.UInt32DType that are never named as globals).
+    try:
+        with torch.serialization.safe_globals(list(_benign_globals().values())):
+            return attempt_any()
+    except pickle.UnpicklingError as error:
         try:
             needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
-        except Exception:
+        except Exception:  # legacy (non-zip) files cannot be scanned
             needed = []
-        benign = _benign_globals()
-        refused = [n for n in needed if n not in benign]
-        if not needed or refused:
-            raise CheckpointCorruptError(
-                f"{file}: cannot be read with torch.load(weights_only=True): "
-                + (f"it references {refused}, which this converter does not allow" if refused else str(first))
-            ) from None
-        # all of the allow-list, not just the names the file references: unpickling numpy dtypes BUILDs
-        # instances of classes (numpy.dtypes.UInt32DType) that are never named as globals
-        with torch.serialization.safe_globals(list(benign.values())):
-            return attempt_any()
+        refused = [n for n in needed if n not in _benign_globals()]
+        raise CheckpointCorruptError(
+            f"{file}: cannot be read with torch.load(weights_only=True): "
+            + (f"it references {refused}, which this converter does not allow" if refused else str(error))
+        ) from None
 
 
 def load_release_state(file: str | os.PathLike, *, what: str = "checkpoint") -> dict[str, torch.Tensor]:

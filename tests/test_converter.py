@@ -439,3 +439,13 @@ def test_the_4b_release_shapes_give_the_cogview_4b_preset():
     vq_state, vq_config = convert_vqvae_state(vq)
     assert vq_config == vqvae_presets["cogview"]
     assert vq_state["quantizer.embed"].shape == (8192, 256)
+
+
+def test_legacy_non_zip_pickles_are_read(tmp_path):
+    """Files from torch < 1.6 (no zip container, cannot be memory-mapped) load the same way."""
+    state = release_vqvae_state()
+    torch.save({"module": {k[len("module."):]: v for k, v in state.items()}, "np": np.random.RandomState(1).get_state()},
+               tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    loaded = load_release_state(tmp_path / "legacy.pt")
+    assert sorted(loaded) == sorted(k[len("module."):] for k in state)
+    assert all(torch.equal(loaded[k[len("module."):]], v) for k, v in state.items())
