@@ -350,3 +350,10 @@ def test_cli_reports_errors(tmp_path, capsys):
     assert cli_main(["tokenizer", "train", "--input", str(tmp_path / "nope.txt"), "--vocab-size", "300",
                      "--out", str(tmp_path / "x.model")]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+def test_large_caption_sets_are_subsampled_deterministically():
+    captions = synthetic_captions(400, seed=9)
+    a = train_text_model(captions, 350, max_sentences=150, seed=1)
+    assert a == train_text_model(captions, 350, max_sentences=150, seed=1)
+    assert a != train_text_model(captions, 350)  # all 400 captions give another model
