@@ -183,8 +183,8 @@ class Layout:
         """float32 [L]: the weight of predicting token i from tokens < i (CogView's loss: every token
         but the first, text tokens times `text_loss_scale`). Use `weights[1:]` against
         `logits[:-1]`. The scale goes by the kind of the predicted token; CogView's code keyed it on the
-        input token instead (so it scaled the prediction of [BASE] and the first image code, not that of
-        the first text token), an off-by-one not reproduced here."""
+        input token instead (any non-image input), so it also scaled the predictions of [BASE], [BOI1]
+        and the first image code: three tokens per sequence, not reproduced here."""
         if not self.complete:
             raise ValueError(f"Layout.loss_weights: this {self.kind} layout still has placeholder image codes")
         weights = torch.ones(len(self), dtype=torch.float32)
