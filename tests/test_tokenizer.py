@@ -357,3 +357,12 @@ def test_large_caption_sets_are_subsampled_deterministically():
     a = train_text_model(captions, 350, max_sentences=150, seed=1)
     assert a == train_text_model(captions, 350, max_sentences=150, seed=1)
     assert a != train_text_model(captions, 350)  # all 400 captions give another model
+
+
+def test_tokenizer_pickles_for_data_loader_workers():
+    import pickle
+
+    tok = small(text_tokens=450, image_len=16, max_len=40)
+    again = pickle.loads(pickle.dumps(tok))
+    assert again == tok and (again.image_len, again.max_len) == (16, 40)
+    assert again.encode_text(ROUND_TRIP[1]) == tok.encode_text(ROUND_TRIP[1])
