@@ -171,6 +171,11 @@ def test_component_loaders_and_vqvae_only_directories(tmp_path):
     out = save_model_dir(tmp_path / "sd", vqvae=model.vqvae.state_dict(), transformer=model.transformer.state_dict(),
                          tokenizer=model.tokenizer, config=model.config)
     assert_states_equal(model.transformer.state_dict(), CogView.from_pretrained(out).transformer.state_dict())
+    with pytest.raises(CheckpointMismatchError, match="save_model_dir: transformer.*missing: layers.1"):
+        partial = {k: v for k, v in model.transformer.state_dict().items() if not k.startswith("layers.1.")}
+        save_model_dir(tmp_path / "bad", vqvae=model.vqvae, transformer=partial, tokenizer=model.tokenizer,
+                       config=model.config)
+    assert not (tmp_path / "bad").exists()
     with pytest.raises(ValueError, match="pass `config`"):
         save_model_dir(tmp_path / "x", vqvae=model.vqvae.state_dict())
     with pytest.raises(ValueError, match="needs its `tokenizer`"):
