@@ -49,12 +49,21 @@ inline double exp_nonpositive(double x) {
   const double n = t - kRound;
   const int64_t ni = std::bit_cast<int64_t>(t) - std::bit_cast<int64_t>(kRound);
   const double r = (x - n * kLn2Hi) - n * kLn2Lo;
-  constexpr double c[] = {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
-                          1.0 / 362880.0,     1.0 / 40320.0,     1.0 / 5040.0,     1.0 / 720.0,
-                          1.0 / 120.0,        1.0 / 24.0,        1.0 / 6.0,        0.5,
-                          1.0,                1.0};
-  double p = c[0];
-  for (int i = 1; i < 14; ++i) p = p * r + c[i];
+  // Horner, written out: a loop here would keep callers' loops from vectorizing.
+  double p = 1.0 / 6227020800.0;
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
   const int64_t n1 = ni >> 1, n2 = ni - n1;
   const double s1 = std::bit_cast<double>(static_cast<int64_t>((n1 + 1023) << 52));
   const double s2 = std::bit_cast<double>(static_cast<int64_t>((n2 + 1023) << 52));
