@@ -6,6 +6,7 @@
 // vectorized exp, and one axpy per value row.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
 
@@ -16,34 +17,146 @@ namespace cogview::cpu::COGVIEW_ISA {
 namespace {
 
 constexpr int64_t kBlock = 32;
+constexpr int64_t kPrefetch = 2;
 
-template <ElemType T, typename acc_t>
-inline acc_t load_elem(const void* base, int64_t i) {
-  if constexpr (T == ElemType::f32) {
-    return static_cast<acc_t>(static_cast<const float*>(base)[i]);
-  } else if constexpr (T == ElemType::f64) {
-    return static_cast<acc_t>(static_cast<const double*>(base)[i]);
-  } else if constexpr (T == ElemType::bf16) {
-    return static_cast<acc_t>(bf16_to_float(static_cast<const uint16_t*>(base)[i]));
-  } else {
-    return static_cast<acc_t>(f16_to_float(static_cast<const uint16_t*>(base)[i]));
+// Storage types of the cache, so that each (accumulator, cache) pair gets its own typed loops.
+struct bf16_t {
+  uint16_t bits;
+};
+struct f16_t {
+  uint16_t bits;
+};
+template <ElemType T>
+struct Storage;
+template <>
+struct Storage<ElemType::f32> {
+  using type = float;
+};
+template <>
+struct Storage<ElemType::f64> {
+  using type = double;
+};
+template <>
+struct Storage<ElemType::bf16> {
+  using type = bf16_t;
+};
+template <>
+struct Storage<ElemType::f16> {
+  using type = f16_t;
+};
+
+template <typename acc_t>
+inline acc_t to_acc(float v) { return static_cast<acc_t>(v); }
+template <typename acc_t>
+inline acc_t to_acc(double v) { return static_cast<acc_t>(v); }
+template <typename acc_t>
+inline acc_t to_acc(bf16_t v) { return static_cast<acc_t>(bf16_to_float(v.bits)); }
+template <typename acc_t>
+inline acc_t to_acc(f16_t v) { return static_cast<acc_t>(f16_to_float(v.bits)); }
+
+// The inner loops, on restrict-qualified typed pointers so that they vectorize. Dot products
+// keep kLanes partial sums per key in a small array and fold it in halves (a log-depth tree);
+// a plain `omp simd reduction` lets GCC fold the lanes one by one, a chain of 16 dependent adds.
+template <typename acc_t>
+constexpr int kLanes = 64 / sizeof(acc_t);  // one AVX-512 register, two AVX2 ones
+
+template <typename acc_t>
+inline acc_t fold(acc_t* __restrict p) {
+#pragma omp simd
+  for (int l = 0; l < kLanes<acc_t> / 2; ++l) p[l] += p[l + kLanes<acc_t> / 2];
+#pragma omp simd
+  for (int l = 0; l < kLanes<acc_t> / 4; ++l) p[l] += p[l + kLanes<acc_t> / 4];
+  acc_t sum = 0;
+  for (int l = 0; l < kLanes<acc_t> / 4; ++l) sum += p[l];
+  return sum;
+}
+
+// Scores of four keys at once (independent chains; q is read once for the four).
+template <typename acc_t, typename T>
+inline void dot4(const acc_t* __restrict q, const T* __restrict k0, const T* __restrict k1,
+                 const T* __restrict k2, const T* __restrict k3, int64_t d, acc_t* __restrict out) {
+  constexpr int L = kLanes<acc_t>;
+  alignas(64) acc_t p0[L] = {}, p1[L] = {}, p2[L] = {}, p3[L] = {};
+  int64_t e = 0;
+  for (; e + L <= d; e += L) {
+#pragma omp simd
+    for (int l = 0; l < L; ++l) {
+      const acc_t qe = q[e + l];
+      p0[l] += qe * to_acc<acc_t>(k0[e + l]);
+      p1[l] += qe * to_acc<acc_t>(k1[e + l]);
+      p2[l] += qe * to_acc<acc_t>(k2[e + l]);
+      p3[l] += qe * to_acc<acc_t>(k3[e + l]);
+    }
+  }
+  for (int64_t l = 0; e + l < d; ++l) {
+    const acc_t qe = q[e + l];
+    p0[l] += qe * to_acc<acc_t>(k0[e + l]);
+    p1[l] += qe * to_acc<acc_t>(k1[e + l]);
+    p2[l] += qe * to_acc<acc_t>(k2[e + l]);
+    p3[l] += qe * to_acc<acc_t>(k3[e + l]);
+  }
+  out[0] = fold(p0);
+  out[1] = fold(p1);
+  out[2] = fold(p2);
+  out[3] = fold(p3);
+}
+
+template <typename acc_t, typename T>
+inline acc_t dot(const acc_t* __restrict q, const T* __restrict k, int64_t d) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t e = 0; e < d; ++e) sum += q[e] * to_acc<acc_t>(k[e]);
+  return sum;
+}
+
+// y += p0 v0 + p1 v1 + p2 v2 + p3 v3: one pass over y for four value rows.
+template <typename acc_t, typename T>
+inline void axpy4(acc_t* __restrict y, const acc_t* __restrict p, const T* __restrict v0, const T* __restrict v1,
+                  const T* __restrict v2, const T* __restrict v3, int64_t d) {
+  const acc_t a0 = p[0], a1 = p[1], a2 = p[2], a3 = p[3];
+#pragma omp simd
+  for (int64_t e = 0; e < d; ++e) {
+    y[e] += (a0 * to_acc<acc_t>(v0[e]) + a1 * to_acc<acc_t>(v1[e])) +
+            (a2 * to_acc<acc_t>(v2[e]) + a3 * to_acc<acc_t>(v3[e]));
   }
 }
 
-template <ElemType T>
-constexpr int64_t kElemBytes = T == ElemType::f64 ? 8 : (T == ElemType::f32 ? 4 : 2);
+template <typename acc_t, typename T>
+inline void axpy(acc_t* __restrict y, acc_t p, const T* __restrict v, int64_t d) {
+#pragma omp simd
+  for (int64_t e = 0; e < d; ++e) y[e] += p * to_acc<acc_t>(v[e]);
+}
+
+template <typename acc_t>
+inline void scale_by(acc_t* __restrict y, acc_t alpha, int64_t d) {
+#pragma omp simd
+  for (int64_t e = 0; e < d; ++e) y[e] *= alpha;
+}
+
+// s[j] = exp(s[j] - top) for j < count; returns their sum.
+template <typename acc_t>
+inline acc_t exp_shifted(acc_t* __restrict s, acc_t top, int64_t count) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < count; ++j) {
+    s[j] = exp_nonpositive(s[j] - top);
+    sum += s[j];
+  }
+  return sum;
+}
 
 template <typename acc_t, ElemType KV>
 void chunk_tasks(const DecodeAttentionArgs& a, const int64_t* tasks, int64_t begin, int64_t end) {
+  using kv_t = typename Storage<KV>::type;
   const int64_t d = a.dim, n = a.n;
-  constexpr int64_t kv_bytes = kElemBytes<KV>;
   const int64_t q_bytes = elem_size(a.q_type), out_bytes = elem_size(a.out_type);
-  std::unique_ptr<acc_t[]> storage(new acc_t[2 * n * d + 2 * n + kBlock]);
-  acc_t* q = storage.get();
-  acc_t* acc = q + n * d;
-  acc_t* m = acc + n * d;
-  acc_t* l = m + n;
-  acc_t* s = l + n;
+  std::unique_ptr<acc_t[]> q_store(new acc_t[n * d]), acc_store(new acc_t[n * d]);
+  std::unique_ptr<acc_t[]> stats(new acc_t[2 * n]);
+  acc_t* __restrict q = q_store.get();
+  acc_t* __restrict acc = acc_store.get();
+  acc_t* __restrict m = stats.get();
+  acc_t* __restrict l = m + n;
+  alignas(64) acc_t s[kBlock];
   const acc_t scale = static_cast<acc_t>(a.scale), bias = static_cast<acc_t>(a.text_bias);
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
@@ -60,58 +173,62 @@ void chunk_tasks(const DecodeAttentionArgs& a, const int64_t* tasks, int64_t beg
       l[i] = 0;
     }
     for (int64_t e = 0; e < n * d; ++e) acc[e] = 0;
-    const char* k_base = static_cast<const char*>(a.k) + (b * a.k_stride_b + h * a.k_stride_h) * kv_bytes;
-    const char* v_base = static_cast<const char*>(a.v) + (b * a.v_stride_b + h * a.v_stride_h) * kv_bytes;
+    const kv_t* k_base = static_cast<const kv_t*>(a.k) + b * a.k_stride_b + h * a.k_stride_h;
+    const kv_t* v_base = static_cast<const kv_t*>(a.v) + b * a.v_stride_b + h * a.v_stride_h;
 
     for (int64_t j0 = c0; j0 < c1; j0 += kBlock) {
       const int64_t j1 = std::min(c1, j0 + kBlock);
+      // Prefetch the rows kPrefetch blocks ahead (the caches are streamed from DRAM).
+      const int64_t ahead = j0 + kPrefetch * kBlock;
+      for (int64_t j = ahead; j < std::min(c1, ahead + kBlock); ++j) {
+        for (int64_t e = 0; e < d; e += 64 / static_cast<int64_t>(sizeof(kv_t))) {
+          __builtin_prefetch(k_base + j * a.k_stride_pos + e);
+          __builtin_prefetch(v_base + j * a.v_stride_pos + e);
+        }
+      }
       for (int64_t i = 0; i < n; ++i) {
         const int64_t last = len - n + i;  // query i sees positions <= last
         const int64_t count = std::min(j1, last + 1) - j0;
         if (count <= 0) continue;
         const acc_t* qi = q + i * d;
+        const kv_t* k_rows = k_base + j0 * a.k_stride_pos;
+        const int64_t ks = a.k_stride_pos;
+        int64_t j = 0;
+        for (; j + 4 <= count; j += 4) {
+          const kv_t* kr = k_rows + j * ks;
+          dot4(qi, kr, kr + ks, kr + 2 * ks, kr + 3 * ks, d, s + j);
+        }
+        for (; j < count; ++j) s[j] = dot(qi, k_rows + j * ks, d);
         acc_t block_max = kNegInf;
-        for (int64_t j = 0; j < count; ++j) {
-          const char* k_row = k_base + (j0 + j) * a.k_stride_pos * kv_bytes;
-          acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t e = 0; e < d; ++e) dot += qi[e] * load_elem<KV, acc_t>(k_row, e);
-          const acc_t logit = dot * scale + (j0 + j < a.text_len ? bias : acc_t(0));
-          s[j] = logit;
-          block_max = logit > block_max ? logit : block_max;
+        for (j = 0; j < count; ++j) {
+          s[j] = s[j] * scale + (j0 + j < a.text_len ? bias : acc_t(0));
+          block_max = s[j] > block_max ? s[j] : block_max;
         }
         const acc_t m_new = block_max > m[i] ? block_max : m[i];
         if (m_new == kNegInf) continue;  // only -inf logits so far (non-finite inputs)
-        acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < count; ++j) {
-          s[j] = exp_nonpositive(s[j] - m_new);
-          sum += s[j];
-        }
+        const acc_t sum = exp_shifted(s, m_new, count);
         acc_t* acc_i = acc + i * d;
         if (m_new != m[i]) {
           const acc_t alpha = exp_nonpositive(m[i] - m_new);
           l[i] *= alpha;
-#pragma omp simd
-          for (int64_t e = 0; e < d; ++e) acc_i[e] *= alpha;
+          scale_by(acc_i, alpha, d);
           m[i] = m_new;
         }
         l[i] += sum;
-        for (int64_t j = 0; j < count; ++j) {
-          const char* v_row = v_base + (j0 + j) * a.v_stride_pos * kv_bytes;
-          const acc_t p = s[j];
-#pragma omp simd
-          for (int64_t e = 0; e < d; ++e) acc_i[e] += p * load_elem<KV, acc_t>(v_row, e);
+        const kv_t* v_rows = v_base + j0 * a.v_stride_pos;
+        const int64_t vs = a.v_stride_pos;
+        for (j = 0; j + 4 <= count; j += 4) {
+          const kv_t* vr = v_rows + j * vs;
+          axpy4(acc_i, s + j, vr, vr + vs, vr + 2 * vs, vr + 3 * vs, d);
         }
+        for (; j < count; ++j) axpy(acc_i, s[j], v_rows + j * vs, d);
       }
     }
 
     if (chunks == 1) {
       for (int64_t i = 0; i < n; ++i) {
         acc_t* acc_i = acc + i * d;
-        const acc_t inv = acc_t(1) / l[i];
-#pragma omp simd
-        for (int64_t e = 0; e < d; ++e) acc_i[e] *= inv;
+        scale_by(acc_i, acc_t(1) / l[i], d);
         store_row(static_cast<char*>(a.out) + (((b * a.heads + h) * n) + i) * d * out_bytes, acc_i,
                   a.out_type, d);
       }
@@ -119,9 +236,7 @@ void chunk_tasks(const DecodeAttentionArgs& a, const int64_t* tasks, int64_t beg
       acc_t* slot = static_cast<acc_t*>(a.partials) + (a.chunk_base[b] + h * chunks + c) * n * (d + 2);
       for (int64_t i = 0; i < n; ++i) {
         acc_t* dst = slot + i * (d + 2);
-        const acc_t* acc_i = acc + i * d;
-#pragma omp simd
-        for (int64_t e = 0; e < d; ++e) dst[e] = acc_i[e];
+        std::memcpy(dst, acc + i * d, d * sizeof(acc_t));
         dst[d] = m[i];
         dst[d + 1] = l[i];
       }
