@@ -64,7 +64,7 @@ def _check_attention(q, k, v, lengths, scale, text_len, text_bias):
     heads=st.integers(1, 3),
     n=st.integers(1, 4),
     extra=st.integers(0, 90),
-    dim=st.sampled_from([1, 7, 16, 64]),
+    dim=st.sampled_from([1, 7, 16, 64, 128]),
     text=st.sampled_from([(0, 0.0), (5, 1.4), (1000, -0.7)]),
     dtype=st.sampled_from(LOW_PRECISION + [torch.float64]),
 )
