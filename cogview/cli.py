@@ -209,6 +209,10 @@ def add_convert_parser(subparsers) -> None:
 # ---------------------------------------------------------------------------------------------
 
 COMMANDS: list[Callable] = [add_tokenizer_parser, add_convert_parser]
+# generate, caption, evaluate (cogview/commands/generation.py)
+from cogview.commands.generation import COMMANDS as _GENERATION_COMMANDS  # noqa: E402
+
+COMMANDS += _GENERATION_COMMANDS
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from cogview import generation as _generation
 from cogview.checkpoint import (
     CheckpointCorruptError,
     CheckpointError,
@@ -445,6 +446,12 @@ class CogView:
 
     def num_parameters(self) -> int:
         return self.transformer.num_parameters()
+
+    # ---- generation: the functions of cogview.generation, as methods ----
+    generate = _generation.generate
+    caption = _generation.caption
+    score = _generation.score
+    complete = _generation.complete
 
     def __repr__(self) -> str:
         t = self.config.transformer
