@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from cogview.checkpoint import CheckpointNotFoundError
 from cogview.cli import main as cli_main
 from cogview.generation import image_seed, pil_to_tensor, sample_image_codes
+from cogview.generation.sampler import lean_cpu_step
 from cogview.models import CogViewConfig, presets
 from cogview.pipeline import CogView
 from cogview.tokenizer import TextTruncatedWarning
@@ -176,6 +177,33 @@ def test_sampling_follows_the_model_distribution():
     expected = probs[probs > 0] * n
     chi2 = float(((counts[probs > 0] - expected) ** 2 / expected).sum())
     assert chi2 < 20.5  # 4 degrees of freedom: p ~ 0.0004
+
+
+@pytest.mark.parametrize("guidance", [None, 2.5])
+def test_lean_cpu_step_equals_decode_step(model, guidance):
+    tok = model.tokenizer
+    prompts = [tok.text_to_image(p) for p in PROMPTS]
+    prompts = [x.tokens[: x.prompt_len].tolist() for x in prompts]
+    uncond = [tok.text_to_image("").tokens[:3].tolist()] * 3 if guidance else None
+    kw = dict(num_new=SIDE * SIDE, image_tokens=IMAGE_TOKENS, pad_id=tok.pad_id, top_k=0,
+              uncond_prompts=uncond, guidance_scale=guidance)
+    lean, _ = sample_image_codes(model.transformer, prompts, [1, 2, 3], lean=True, **kw)
+    plain, _ = sample_image_codes(model.transformer, prompts, [1, 2, 3], lean=False, **kw)
+    assert torch.equal(lean, plain)
+    cache = model.transformer.new_cache(2, 8)
+    step = lean_cpu_step(model.transformer, cache)
+    assert step is not None
+    tokens, start = torch.tensor([[3], [5]]), torch.tensor([0, 4])
+    with torch.inference_mode():
+        got = step(tokens, start[:, None], start)
+        want = model.transformer.decode_step(tokens, start[:, None], model.transformer.new_cache(2, 8), start,
+                                             return_hidden=True)[:, 0]
+    assert torch.equal(got, want)
+    model.transformer.layers[0].attention.attention_fn = lambda *a: None  # a custom layer: no lean path
+    try:
+        assert lean_cpu_step(model.transformer, cache) is None
+    finally:
+        model.transformer.layers[0].attention.attention_fn = None
 
 
 def test_over_long_prompt_is_truncated_with_a_warning(model):

@@ -26,6 +26,14 @@ Per step (all on the device, nothing read back to the host):
 On CUDA the step is captured once in a CUDA graph and replayed (all its inputs are static buffers
 updated in place); when capture fails (an op on the path that synchronises, e.g. a reference op
 without a CUDA kernel), the loop warns once and runs eagerly.
+
+On CPU, where nothing removes per-call Python costs, a standard model (every layer a CogViewLayer with
+the default attention) runs its decode steps through `lean_cpu_step`: the same kernels in the same
+order as `decode_step`, so the same numbers, but called directly (`torch.ops.cogview.*`) with the
+weights bound once and no per-call argument checks. What those checks guard is fixed by construction
+here: shapes, dtypes and devices are set up once and the positions never leave the cache
+(`start + 1 <= max_len` for every step the loop runs). The wrappers' host-side position checks alone
+cost about as much as the kernels at the sizes of a small model.
 """
 from __future__ import annotations
 
@@ -36,8 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from cogview import ops
+from cogview.models.transformer import CogViewLayer, LayerNorm, SelfAttention
 
-__all__ = ["sample_image_codes", "kv_cache_bytes"]
+__all__ = ["kv_cache_bytes", "lean_cpu_step", "sample_image_codes"]
 
 
 def kv_cache_bytes(config, rows: int, max_len: int, dtype: torch.dtype) -> int:
@@ -45,12 +54,71 @@ def kv_cache_bytes(config, rows: int, max_len: int, dtype: torch.dtype) -> int:
     return 2 * config.num_layers * rows * max_len * config.hidden_size * torch.empty((), dtype=dtype).element_size()
 
 
+_LEAN_OPS = ("layer_norm", "add_layer_norm", "kv_cache_write", "decode_attention", "sample_tokens")
+
+
+def lean_cpu_step(transformer, cache):
+    """A CPU decode step for ONE new token per row with the kernels called directly: a function
+    (tokens [R, 1], positions [R, 1], start [R]) -> final hidden states [R, H], identical to
+    `transformer.decode_step(..., return_hidden=True)[:, 0]`; None when the model is not the standard
+    one on the CPU kernels (then use decode_step). The caller guarantees start + 1 <= cache.max_len."""
+    weight = transformer.word_embeddings.weight
+    if weight.device.type != "cpu" or not all(ops.has_kernel(op, "cpu") for op in _LEAN_OPS):
+        return None
+    layers = list(transformer.layers)
+    if not layers or any(type(layer) is not CogViewLayer or type(layer.attention) is not SelfAttention
+                         or layer.attention.attention_fn is not None
+                         or any(type(n) is not LayerNorm for n in (layer.input_layernorm, layer.third_layernorm,
+                                                                  layer.post_attention_layernorm,
+                                                                  layer.fourth_layernorm))
+                         for layer in layers) or type(transformer.final_layernorm) is not LayerNorm:
+        return None
+    if any(t.dtype != weight.dtype for t in transformer.parameters()) or cache.dtype != weight.dtype:
+        return None
+    cogview_ops = torch.ops.cogview
+    config = transformer.config
+    heads, head_dim, hidden_size = config.num_heads, config.head_dim, config.hidden_size
+    first = layers[0].input_layernorm
+    eps, pb = first.eps, bool(first.pb_relax)
+    bound = []
+    for i, layer in enumerate(layers):
+        nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else transformer.final_layernorm
+        a, m = layer.attention, layer.mlp
+        bound.append((a.query_key_value.weight, a.query_key_value.bias, a.dense.weight, a.dense.bias, a.scale,
+                      cache.k[i], cache.v[i], layer.third_layernorm.weight, layer.third_layernorm.bias,
+                      layer.post_attention_layernorm.weight, layer.post_attention_layernorm.bias,
+                      m.dense_h_to_4h.weight, m.dense_h_to_4h.bias, m.dense_4h_to_h.weight, m.dense_4h_to_h.bias,
+                      layer.fourth_layernorm.weight, layer.fourth_layernorm.bias, nxt.weight, nxt.bias,
+                      float(layer.eps), bool(layer.pb_relax)))
+    words, places = transformer.word_embeddings.weight, transformer.position_embeddings.weight
+
+    def step(tokens: torch.Tensor, positions: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        rows = tokens.shape[0]
+        residual = F.embedding(tokens, words) + F.embedding(positions, places)
+        normed = cogview_ops.layer_norm(residual, first.weight, first.bias, eps, pb)[0]
+        lengths = start + 1
+        for (w_qkv, b_qkv, w_dense, b_dense, scale, k_cache, v_cache, w3, b3, w_post, b_post, w_up, b_up, w_down,
+             b_down, w4, b4, w_next, b_next, layer_eps, layer_pb) in bound:
+            q, k, v = F.linear(normed, w_qkv, b_qkv).view(rows, 1, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            cogview_ops.kv_cache_write(k_cache, v_cache, k, v, start)
+            out = cogview_ops.decode_attention(q, k_cache, v_cache, lengths, scale, 0, 0.0)
+            branch = F.linear(out.transpose(1, 2).reshape(rows, 1, hidden_size), w_dense, b_dense)
+            residual, normed, _ = cogview_ops.add_layer_norm(residual, branch, w3, b3, w_post, b_post, layer_eps,
+                                                             layer_pb)
+            branch = F.linear(F.gelu(F.linear(normed, w_up, b_up), approximate="tanh"), w_down, b_down)
+            residual, normed, _ = cogview_ops.add_layer_norm(residual, branch, w4, b4, w_next, b_next, layer_eps,
+                                                             layer_pb)
+        return normed[:, 0]
+
+    return step
+
+
 class _ImageLoop:
     """The static buffers of one batch and the step that advances them."""
 
     def __init__(self, transformer, prompts: Sequence[Sequence[int]], seeds: Sequence[int], *, num_new: int,
                  first_index: int, image_tokens: int, pad_id: int, temperature: float, top_k: int, top_p: float,
-                 uncond_prompts: Sequence[Sequence[int]] | None, guidance_scale: float | None):
+                 uncond_prompts: Sequence[Sequence[int]] | None, guidance_scale: float | None, lean: bool = True):
         self.transformer = transformer
         self.batch = len(prompts)
         self.guided = uncond_prompts is not None
@@ -84,18 +152,26 @@ class _ImageLoop:
         self.index = torch.zeros((1,), dtype=torch.long, device=device)
         self.codes = torch.zeros((self.batch, num_new), dtype=torch.long, device=device)
         self.invalid = torch.zeros((self.batch,), dtype=torch.bool, device=device)
+        self.lean = lean_cpu_step(transformer, self.cache) if lean else None
 
     # ---- pieces ----
-    def _draw(self, hidden: torch.Tensor) -> None:
+    def _draw(self, hidden: torch.Tensor, direct: bool = False) -> None:
         """hidden [rows, H] (the last position of every row) -> draw one code per image, record it,
-        make it the next input, advance offset/index."""
+        make it the next input, advance offset/index. direct: call the sampling kernel without the
+        wrapper's checks (its arguments were checked by the first, wrapped, draw)."""
         logits = F.linear(hidden, self.head).float()
         if self.guided:
             cond, uncond = logits[: self.batch], logits[self.batch:]
             logits = uncond + self.scale * (cond - uncond)
-        drawn = [ops.sample_tokens(logits[b: b + 1], temperature=self.temperature, top_k=self.top_k,
-                                   top_p=self.top_p, seed=self.seeds[b], offset=self.offset,
-                                   invalid=self.invalid[b: b + 1]) for b in range(self.batch)]
+        if direct:
+            sample = torch.ops.cogview.sample_tokens
+            drawn = [sample(logits[b: b + 1], self.seeds[b], self.offset, None, None, None, self.temperature,
+                            self.top_k, self.top_p, 0, logits.shape[1], self.invalid[b: b + 1])
+                     for b in range(self.batch)]
+        else:
+            drawn = [ops.sample_tokens(logits[b: b + 1], temperature=self.temperature, top_k=self.top_k,
+                                       top_p=self.top_p, seed=self.seeds[b], offset=self.offset,
+                                       invalid=self.invalid[b: b + 1]) for b in range(self.batch)]
         new = torch.cat(drawn)
         self.codes.index_copy_(1, self.index, new[:, None])
         self.tokens.copy_((torch.cat([new, new]) if self.guided else new)[:, None])
@@ -110,11 +186,14 @@ class _ImageLoop:
         self._draw(last)
 
     def step(self) -> None:
-        hidden = self.transformer.decode_step(self.tokens, self.positions, self.cache, self.start,
-                                              return_hidden=True)[:, 0]
+        if self.lean is not None:
+            hidden = self.lean(self.tokens, self.positions, self.start)
+        else:
+            hidden = self.transformer.decode_step(self.tokens, self.positions, self.cache, self.start,
+                                                  return_hidden=True)[:, 0]
         self.start.add_(1)
         self.positions.add_(1)
-        self._draw(hidden)
+        self._draw(hidden, direct=self.lean is not None)
 
     # ---- CUDA graph ----
     def _state(self) -> list[torch.Tensor]:
@@ -147,17 +226,19 @@ class _ImageLoop:
         return graph.replay
 
 
+@torch.inference_mode()
 def sample_image_codes(transformer, prompts: Sequence[Sequence[int]], seeds: Sequence[int], *, num_new: int,
                        image_tokens: int, pad_id: int, first_index: int = 0, temperature: float = 1.0,
                        top_k: int = 200, top_p: float = 1.0, uncond_prompts: Sequence[Sequence[int]] | None = None,
-                       guidance_scale: float | None = None, cuda_graph: bool | None = None,
+                       guidance_scale: float | None = None, cuda_graph: bool | None = None, lean: bool = True,
                        on_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw `num_new` image codes after each prompt. Returns (codes [B, num_new] int64, invalid [B] bool:
     a row met logits with no finite allowed value, e.g. an fp16 overflow) on the model's device.
 
     seeds: one per prompt (the image's stream); first_index: the index in the image of the first code
     drawn (the sampling offset; > 0 when completing an image). uncond_prompts + guidance_scale:
-    classifier-free guidance. cuda_graph: capture the step on CUDA (default: on CUDA). on_step(n) is
+    classifier-free guidance. cuda_graph: capture the step on CUDA (default: on CUDA). lean: on the CPU,
+    run the steps through `lean_cpu_step` when the model allows (default). on_step(n) is
     called after each n steps (progress)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"sample_image_codes: {len(prompts)} prompts but {len(seeds)} seeds")
@@ -167,7 +248,7 @@ def sample_image_codes(transformer, prompts: Sequence[Sequence[int]], seeds: Seq
         raise ValueError(f"sample_image_codes: `num_new` must be >= 1, got {num_new}")
     loop = _ImageLoop(transformer, prompts, seeds, num_new=num_new, first_index=first_index,
                       image_tokens=image_tokens, pad_id=pad_id, temperature=temperature, top_k=top_k, top_p=top_p,
-                      uncond_prompts=uncond_prompts, guidance_scale=guidance_scale)
+                      uncond_prompts=uncond_prompts, guidance_scale=guidance_scale, lean=lean)
     loop.prefill()
     if on_step:
         on_step(1)
