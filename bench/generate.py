@@ -10,16 +10,18 @@ CPU; cogview-4b in bf16 on CUDA), top-k 200 at temperature 1 over the image ids:
   K/V cache by `torch.cat`, `F.scaled_dot_product_attention`, `F.layer_norm`, the model's full output head,
   then the image-id slice, `torch.topk` + `softmax` + `torch.multinomial`.
 
-The two are first checked to pick the same codes greedily (top-k 1). Timings are interleaved rounds
-(bench/_harness.py); the VQ-VAE decode (the same for both) is not included. A "token" is one drawn code.
+The two are first checked to pick the same codes greedily (top-k 1). Timings are interleaved rounds of
+whole batches (one warm-up call each, medians); the VQ-VAE decode (the same for both) is not included. A "token" is one drawn code.
 On CUDA the table adds ms per token (averaged over the image's codes) against the roofline
 (weight bytes + K/V bytes read per step, averaged) / measured copy bandwidth.
 
-    python bench/generate.py [--smoke] [--preset small-16x16] [--device cuda]
+    python bench/generate.py [--smoke] [--presets small-16x16,long-32x32] [--batches 1,8] [--device cuda]
 """
 from __future__ import annotations
 
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import _harness  # noqa: E402
 
 from cogview.generation import sample_image_codes  # noqa: E402
-from cogview.models import CogViewTransformer, presets  # noqa: E402
+from cogview.models import CogViewConfig, CogViewTransformer, TransformerConfig, presets, vqvae_presets  # noqa: E402
 
 TOP_K = 200
 TEXT_TOKENS = 12  # prompt: [ROI1] + 12 text ids + [BASE] [BOI1]
@@ -98,26 +100,40 @@ def roofline_ms(config, batch: int, prompt_len: int, num_codes: int, bandwidth: 
     return (weights + kv) / bandwidth * 1e3
 
 
-def main() -> None:
-    def extra(p):
-        p.add_argument("--preset", default=None, help="model preset (default: small-16x16 on CPU, cogview-4b on CUDA)")
-        p.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
+def model_config(name: str) -> CogViewConfig:
+    if name == "long-32x32":  # CogView's sequence (1089 positions, 32x32 codes) on a narrow 4-layer model
+        return CogViewConfig(TransformerConfig(num_layers=4, hidden_size=256, num_heads=4, max_positions=1089,
+                                               image_tokens=8192, text_tokens=1000), vqvae_presets["cogview"], name)
+    return presets[name]
 
-    args = _harness.parse_args(__doc__, extra)
+
+def interleaved(candidates: dict, device: str, repeats: int) -> dict[str, float]:
+    """Median seconds per call: one warm-up call each, then `repeats` rounds A B A B ... (a call is a
+    whole batch of images, long enough to time alone)."""
+    for fn in candidates.values():
+        fn()
+    samples = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            _harness.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            _harness.synchronize(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def run_preset(name: str, args, batches: list[int], bandwidth: float) -> list[dict]:
     device = args.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print("bench/generate.py --device cuda needs a GPU; none is visible")
-        return
     on_cuda = device.startswith("cuda")
-    name = args.preset or ("test-tiny" if args.smoke else "cogview-4b" if on_cuda else "small-16x16")
-    config = presets[name].transformer
+    full = model_config(name)
+    config = full.transformer
     if config.pb_relax:  # the baseline uses plain F.layer_norm
         config = config.replace(pb_relax=False)
     dtype = torch.bfloat16 if on_cuda else torch.float32
     torch.manual_seed(0)
     model = CogViewTransformer(config, device=device, dtype=dtype).eval()
-    num_codes = presets[name].image_seq_len
-    batches = [int(b) for b in args.batches.split(",")]
+    num_codes = full.image_seq_len
     pad_id = config.command_id("[PAD]")
     gen = torch.Generator().manual_seed(0)
     text = config.image_tokens + torch.randint(0, config.text_tokens, (max(batches), TEXT_TOKENS), generator=gen)
@@ -125,17 +141,17 @@ def main() -> None:
     prompts = torch.cat([commands("[ROI1]"), text, commands("[BASE]", "[BOI1]")], dim=1)
     prompt_len = prompts.shape[1]
 
-    # the two loops draw the same codes greedily
-    check = prompts[:2]
-    ours, _ = sample_image_codes(model, check.tolist(), [1, 2], num_new=num_codes, image_tokens=config.image_tokens,
+    # the two loops draw the same codes greedily (first 64 codes of two images)
+    check, n_check = prompts[:2], min(num_codes, 64)
+    ours, _ = sample_image_codes(model, check.tolist(), [0, 1], num_new=n_check, image_tokens=config.image_tokens,
                                  pad_id=pad_id, temperature=0.0)
-    theirs = plain_generate(model, check.to(device), num_codes, top_k=1)
+    theirs = plain_generate(model, check.to(device), n_check, top_k=1)
     agree = (ours == theirs).float().mean().item()
-    print(f"greedy agreement cogview vs plain: {agree:.4f} of {ours.numel()} codes")
+    print(f"{name}: greedy agreement cogview vs plain: {agree:.4f} of {ours.numel()} codes")
     if agree < 0.95:  # bf16 may split near-ties differently; fp32 agrees exactly in practice
         raise SystemExit("the cogview loop and the plain loop disagree: not the same computation")
 
-    bandwidth = _harness.copy_bandwidth(device, numel=(1 << 18) if args.smoke else (1 << 24))
+    repeats = args.repeats if num_codes <= 256 else min(args.repeats, 3)
     rows = []
     for batch in batches:
         p = prompts[:batch]
@@ -147,21 +163,45 @@ def main() -> None:
                                                   image_tokens=config.image_tokens, pad_id=pad_id, top_k=TOP_K),
             "plain": lambda: plain_generate(model, p_dev, num_codes, TOP_K, generator=generator),
         }
-        times = _harness.compare(candidates, device, args.repeats, min_round_s=0.0)
+        times = interleaved(candidates, device, repeats)
         base = times["plain"]
         for label, seconds in times.items():
-            row = {"preset": name, "dtype": str(dtype).replace("torch.", ""), "batch": batch, "impl": label,
-                   "images/s": batch / seconds, "tokens/s": batch * num_codes / seconds,
+            row = {"preset": name, "codes": num_codes, "dtype": str(dtype).replace("torch.", ""), "batch": batch,
+                   "impl": label, "images/s": batch / seconds, "tokens/s": batch * num_codes / seconds,
                    "ms/token": seconds / num_codes * 1e3, "speedup": base / seconds}
             if on_cuda:
                 row["roofline ms/token"] = roofline_ms(config, batch, prompt_len, num_codes, bandwidth, dtype)
                 row["x roofline"] = row["ms/token"] / row["roofline ms/token"]
             rows.append(row)
-    columns = ["preset", "dtype", "batch", "impl", "images/s", "tokens/s", "ms/token", "speedup"]
+    del model
+    return rows
+
+
+def main() -> None:
+    def extra(p):
+        p.add_argument("--presets", default=None,
+                       help="model presets, comma-separated (default: small-16x16,long-32x32 on CPU, cogview-4b on "
+                            "CUDA); long-32x32 is a 4-layer x 256 model over CogView's 1089-position sequence "
+                            "(32x32 codes)")
+        p.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
+
+    args = _harness.parse_args(__doc__, extra)
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("bench/generate.py --device cuda needs a GPU; none is visible")
+        return
+    on_cuda = device.startswith("cuda")
+    names = (args.presets or ("test-tiny" if args.smoke else "cogview-4b" if on_cuda else "small-16x16,long-32x32"))
+    batches = [int(b) for b in args.batches.split(",")]
+    bandwidth = _harness.copy_bandwidth(device, numel=(1 << 18) if args.smoke else (1 << 24))
+    rows = []
+    for name in names.split(","):
+        rows += run_preset(name, args, batches, bandwidth)
+    columns = ["preset", "codes", "dtype", "batch", "impl", "images/s", "tokens/s", "ms/token", "speedup"]
     if on_cuda:
         columns += ["roofline ms/token", "x roofline"]
-    notes = (f"{num_codes} codes per image after a {prompt_len}-token prompt; top-k {TOP_K}, temperature 1; "
-             f"speedup = plain time / time (same batch). Copy bandwidth {bandwidth / 1e9:.1f} GB/s.")
+    notes = (f"Prompts of {TEXT_TOKENS + 3} tokens; top-k {TOP_K}, temperature 1; speedup = plain time / time "
+             f"(same preset and batch). Copy bandwidth {bandwidth / 1e9:.1f} GB/s.")
     _harness.report("generate", args, rows, columns, notes)
 
 
