@@ -114,8 +114,7 @@ def _prompts(prompts, what: str) -> list[str]:
         if not isinstance(p, str):
             raise TypeError(f"{what}: prompt {i} must be a str, got {type(p).__name__}")
         if not p.strip():
-            raise ValueError(f"{what}: prompt {i} is empty; give a caption (for unconditional samples of a model "
-                             f"trained with caption dropout, use complete(..., keep_rows=0) with prompt='')")
+            raise ValueError(f"{what}: prompt {i} is empty: give each image a caption")
         out.append(p)
     return out
 
