@@ -611,14 +611,21 @@ __global__ void __launch_bounds__(kMaxThreads) layer_norm_backward_large_kernel(
   }
 }
 
-// Second stage of the weight gradients: out[col] = sum over q of partials[q, col], q in
-// increasing order per thread row, then the 16 thread rows in order. Deterministic.
+// Second stage of the weight gradients: out[j][c] = sum over q of partials[q, j, c], q in
+// increasing order per thread row, then the 16 thread rows in order (deterministic), rounded
+// once to each output's dtype. The outputs are separate tensors (outputs of an op must not alias).
 constexpr int kSumRows = 16;
+struct SumOutputs {
+  void* ptr[4];
+  Kind kind[4];
+};
+
 template <typename acc_t>
 __global__ void __launch_bounds__(32 * kSumRows) sum_partials_kernel(const acc_t* __restrict__ partials,
-                                                                      int64_t count, int64_t columns,
-                                                                      acc_t* __restrict__ out) {
+                                                                      int64_t count, int64_t hidden, int np,
+                                                                      const SumOutputs outs) {
   __shared__ acc_t buf[kSumRows][33];
+  const int64_t columns = np * hidden;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   acc_t v = 0;
   if (col < columns) {
@@ -629,7 +636,14 @@ __global__ void __launch_bounds__(32 * kSumRows) sum_partials_kernel(const acc_t
   if (threadIdx.y == 0 && col < columns) {
     acc_t total = buf[0][threadIdx.x];
     for (int i = 1; i < kSumRows; ++i) total += buf[i][threadIdx.x];
-    out[col] = total;
+    const int j = static_cast<int>(col / hidden);
+    const int64_t c = col - j * hidden;
+    switch (outs.kind[j]) {
+      case Kind::f16: store_one<F16>(outs.ptr[j], c, total); break;
+      case Kind::bf16: store_one<BF16>(outs.ptr[j], c, total); break;
+      case Kind::f64: store_one<F64>(outs.ptr[j], c, total); break;
+      default: store_one<F32>(outs.ptr[j], c, total); break;
+    }
   }
 }
 
@@ -744,9 +758,10 @@ int64_t resident_blocks(Kernel kernel, int threads) {
   return static_cast<int64_t>(std::max(per_sm, 1)) * sm_count();
 }
 
-// Runs the backward kernels and returns the weight-gradient sums, acc [NP, hidden].
+// Runs the backward kernels; the weight-gradient sums go to `grads` (NP separate [hidden] tensors).
 template <typename BT, typename RT, bool HAS_NEXT>
-at::Tensor launch_backward(BwdParams& p, bool vec_ok, const at::TensorOptions& acc_options) {
+void launch_backward(BwdParams& p, bool vec_ok, const at::TensorOptions& acc_options,
+                     const std::vector<at::Tensor>& grads) {
   using acc_t = acc_of<BT>;
   constexpr int kVec = full_vec<BT, RT>();
   constexpr int NP = HAS_NEXT ? 4 : 2;
@@ -778,12 +793,17 @@ at::Tensor launch_backward(BwdParams& p, bool vec_ok, const at::TensorOptions& a
     }
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  at::Tensor sums = at::empty({NP, p.hidden}, acc_options);
+  TORCH_INTERNAL_ASSERT(static_cast<int>(grads.size()) == NP);
+  SumOutputs outs{};
+  for (int j = 0; j < NP; ++j) {
+    TORCH_INTERNAL_ASSERT(grads[j].is_contiguous() && grads[j].numel() == p.hidden);
+    outs.ptr[j] = grads[j].data_ptr();
+    outs.kind[j] = kind_of(grads[j]);
+  }
   const int64_t columns = NP * p.hidden;
   sum_partials_kernel<acc_t><<<static_cast<unsigned>((columns + 31) / 32), dim3(32, kSumRows), 0, stream>>>(
-      partials.data_ptr<acc_t>(), count, columns, sums.data_ptr<acc_t>());
+      partials.data_ptr<acc_t>(), count, p.hidden, NP, outs);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return sums;
 }
 
 at::Tensor contiguous_param(const at::Tensor& p) { return p.is_contiguous() ? p : p.contiguous(); }
@@ -883,12 +903,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_cuda(
                  pb_relax);
 }
 
-// Shared by both backward ops. `grad_residual_out` undefined for plain LayerNorm.
+// Shared by both backward ops: picks the vector width and runs the kernels, writing the weight
+// gradients into `grads` (dw_out, db_out[, dw_next, db_next]).
 template <bool HAS_NEXT>
-at::Tensor run_backward(BwdParams& p, at::ScalarType branch_type, at::ScalarType residual_type,
-                        const std::vector<const at::Tensor*>& row_tensors, const std::vector<const at::Tensor*>& params,
-                        const at::TensorOptions& acc_options) {
-  at::Tensor sums;
+void run_backward(BwdParams& p, at::ScalarType branch_type, at::ScalarType residual_type,
+                  const std::vector<const at::Tensor*>& row_tensors, const std::vector<const at::Tensor*>& params,
+                  const at::TensorOptions& acc_options, const std::vector<at::Tensor>& grads) {
   dispatch_pair(branch_type, residual_type, [&](auto bt, auto rt) {
     using BT = decltype(bt);
     using RT = decltype(rt);
@@ -898,9 +918,8 @@ at::Tensor run_backward(BwdParams& p, at::ScalarType branch_type, at::ScalarType
       ok = ok && aligned(t->data_ptr(), vec * t->element_size()) && row_stride(*t) % vec == 0;
     }
     for (const at::Tensor* t : params) ok = ok && param_allows_vec(*t, vec);
-    sums = launch_backward<BT, RT, HAS_NEXT>(p, ok, acc_options);
+    launch_backward<BT, RT, HAS_NEXT>(p, ok, acc_options, grads);
   });
-  return sums;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(const at::Tensor& grad_out,
@@ -935,9 +954,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(const at
   p.stats = stats.data_ptr();
   p.stat_stride = stats.size(1);
   p.grad_branch = grad_x.data_ptr();
-  at::Tensor sums = run_backward<false>(p, x.scalar_type(), x.scalar_type(), {&x_rows, &g_rows, &grad_x_rows},
-                                        {&weight}, acc_options);
-  return {grad_x, sums[0].to(weight_in.scalar_type()), sums[1].to(weight_in.scalar_type())};
+  // Both weight gradients in the weight's dtype, like the CPU op (the autograd wrapper casts the
+  // bias gradient to the bias dtype).
+  at::Tensor grad_w = at::empty({hidden}, weight_in.options()), grad_b = at::empty({hidden}, weight_in.options());
+  run_backward<false>(p, x.scalar_type(), x.scalar_type(), {&x_rows, &g_rows, &grad_x_rows}, {&weight},
+                      acc_options, {grad_w, grad_b});
+  return {grad_x, grad_w, grad_b};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward_cuda(
@@ -975,7 +997,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (rows == 0) {
     at::Tensor zo = at::zeros({hidden}, w_out_in.options());
     at::Tensor zn = has_next ? at::zeros({hidden}, w_next_in->options()) : empty;
-    return {grad_residual, grad_branch, zo, zo.clone(), zn, has_next ? zn.clone() : empty};
+    return {grad_residual, grad_branch, zo, zo.clone(), zn, has_next ? zn.clone() : branch.new_empty({0})};
   }
   const at::Tensor w_out = contiguous_param(w_out_in);
   const at::Tensor w_next = has_next ? contiguous_param(*w_next_in) : at::Tensor();
@@ -1011,16 +1033,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.stat_stride = stats.size(1);
   p.grad_branch = grad_branch.data_ptr();
   p.grad_residual = grad_residual.data_ptr();
-  at::Tensor sums = has_next ? run_backward<true>(p, branch.scalar_type(), new_residual.scalar_type(), row_tensors,
-                                                  params, acc_options)
-                             : run_backward<false>(p, branch.scalar_type(), new_residual.scalar_type(), row_tensors,
-                                                   params, acc_options);
-  return {grad_residual,
-          grad_branch,
-          sums[0].to(w_out_in.scalar_type()),
-          sums[1].to(w_out_in.scalar_type()),
-          has_next ? sums[2].to(w_next_in->scalar_type()) : empty,
-          has_next ? sums[3].to(w_next_in->scalar_type()) : empty};
+  at::Tensor grad_w_out = at::empty({hidden}, w_out_in.options());
+  at::Tensor grad_b_out = at::empty({hidden}, w_out_in.options());
+  if (has_next) {
+    at::Tensor grad_w_next = at::empty({hidden}, w_next_in->options());
+    at::Tensor grad_b_next = at::empty({hidden}, w_next_in->options());
+    run_backward<true>(p, branch.scalar_type(), new_residual.scalar_type(), row_tensors, params, acc_options,
+                       {grad_w_out, grad_b_out, grad_w_next, grad_b_next});
+    return {grad_residual, grad_branch, grad_w_out, grad_b_out, grad_w_next, grad_b_next};
+  }
+  run_backward<false>(p, branch.scalar_type(), new_residual.scalar_type(), row_tensors, params, acc_options,
+                      {grad_w_out, grad_b_out});
+  return {grad_residual, grad_branch, grad_w_out, grad_b_out, empty, branch.new_empty({0})};
 }
 
 }  // namespace
