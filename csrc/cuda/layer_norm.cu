@@ -867,26 +867,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor* residua
   return {out, normed, stats};
 }
 
-at::Tensor checked_stats(const at::Tensor& stats, int64_t rows, int columns, at::ScalarType acc,
-                         const at::Tensor& like) {
-  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == rows && stats.size(1) >= columns,
-                    "cogview: `stats` must have shape [", rows, ", >=", columns, "] (from the forward), got ",
-                    stats.sizes());
-  TORCH_CHECK_VALUE(stats.device() == like.device(), "cogview: `stats` is on ", stats.device(),
-                    " but the input is on ", like.device());
-  TORCH_CHECK_TYPE(at::isFloatingType(stats.scalar_type()), "cogview: `stats` must be floating point, got ",
-                   stats.scalar_type());
-  return stats.to(acc).contiguous();
-}
-
-void check_grad(const at::Tensor& grad, const char* name, const at::Tensor& like) {
-  TORCH_CHECK_VALUE(grad.sizes() == like.sizes(), "cogview: `", name, "` must have shape ", like.sizes(),
-                    ", got ", grad.sizes());
-  TORCH_CHECK_VALUE(grad.device() == like.device(), "cogview: `", name, "` is on ", grad.device(),
-                    " but the input is on ", like.device());
-  TORCH_CHECK_TYPE(ops::is_supported_float(grad.scalar_type()), "cogview: `", name,
-                   "` must be float32, float16, bfloat16 or float64, got ", grad.scalar_type());
-}
+// `stats` as the accumulator dtype, contiguous (after ops::check_stats).
+at::Tensor stats_as(const at::Tensor& stats, at::ScalarType acc) { return stats.to(acc).contiguous(); }
 
 std::tuple<at::Tensor, at::Tensor> layer_norm_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                    const at::Tensor& bias, double eps, bool pb_relax) {
@@ -926,15 +908,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(const at
                                                                         const at::Tensor& x,
                                                                         const at::Tensor& weight_in,
                                                                         const at::Tensor& stats_in) {
-  ops::check_input(x, "x");
-  ops::check_param(weight_in, "weight", x);
-  check_grad(grad_out, "grad_out", x);
+  ops::check_layer_norm_backward(grad_out, x, weight_in, stats_in);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t hidden = x.size(-1);
   const at::ScalarType acc = ops::accumulator_type(x);
   at::Tensor x_rows = as_rows(x, hidden), g_rows = as_rows(grad_out, hidden);
   const int64_t rows = x_rows.size(0);
-  at::Tensor stats = checked_stats(stats_in, rows, 2, acc, x);
+  at::Tensor stats = stats_as(stats_in, acc);
   at::Tensor grad_x = at::empty(x.sizes(), x.options());
   const at::TensorOptions acc_options = x.options().dtype(acc);
   if (rows == 0) {
@@ -966,21 +946,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& grad_new_residual, const std::optional<at::Tensor>& grad_normed,
     const at::Tensor& branch, const at::Tensor& new_residual, const at::Tensor& w_out_in,
     const std::optional<at::Tensor>& w_next_in, const at::Tensor& stats_in) {
-  ops::check_input(branch, "branch");
-  ops::check_input(new_residual, "new_residual");
-  TORCH_CHECK_VALUE(new_residual.sizes() == branch.sizes(), "cogview: `new_residual` has shape ",
-                    new_residual.sizes(), " but `branch` has shape ", branch.sizes());
-  TORCH_CHECK_VALUE(new_residual.device() == branch.device(), "cogview: `new_residual` is on ",
-                    new_residual.device(), " but `branch` is on ", branch.device());
-  TORCH_CHECK_TYPE((new_residual.scalar_type() == at::kDouble) == (branch.scalar_type() == at::kDouble),
-                   "cogview: float64 `new_residual` and `branch` must both be float64, got ",
-                   new_residual.scalar_type(), " and ", branch.scalar_type());
-  ops::check_param(w_out_in, "w_out", branch, &new_residual);
+  ops::check_add_layer_norm_backward(grad_new_residual, grad_normed, branch, new_residual, w_out_in, w_next_in,
+                                     stats_in);
   const bool has_next = w_next_in.has_value();
-  if (has_next) ops::check_param(*w_next_in, "w_next", branch, &new_residual);
-  if (grad_new_residual) check_grad(*grad_new_residual, "grad_new_residual", branch);
   const bool use_next = has_next && grad_normed.has_value();
-  if (use_next) check_grad(*grad_normed, "grad_normed", branch);
 
   const c10::cuda::CUDAGuard guard(branch.device());
   const int64_t hidden = branch.size(-1);
@@ -989,7 +958,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor gr_rows = grad_new_residual ? as_rows(*grad_new_residual, hidden) : at::Tensor();
   at::Tensor gn_rows = use_next ? as_rows(*grad_normed, hidden) : at::Tensor();
   const int64_t rows = branch_rows.size(0);
-  at::Tensor stats = checked_stats(stats_in, rows, has_next ? 4 : 2, acc, branch);
+  at::Tensor stats = stats_as(stats_in, acc);
   at::Tensor grad_residual = at::empty(new_residual.sizes(), new_residual.options());
   at::Tensor grad_branch = at::empty(branch.sizes(), branch.options());
   at::Tensor empty = branch.new_empty({0});
