@@ -22,6 +22,20 @@ TORCH_LIBRARY(cogview, m) {
         " Tensor new_residual, Tensor w_out, Tensor? w_next, Tensor stats)"
         " -> (Tensor grad_residual, Tensor grad_branch, Tensor grad_w_out, Tensor grad_b_out,"
         " Tensor grad_w_next, Tensor grad_b_next)");
+
+  // Cached decoding (cogview/ops/decoding.py). Caches [B, heads, max_len, d]; writes positions
+  // start[b] .. start[b] + n - 1 of both caches in place.
+  m.def("kv_cache_write(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, Tensor start) -> ()");
+  // q [B, heads, n, d]; lengths [B] counts the valid cached positions including the n new ones.
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, float scale, int text_len,"
+        " float text_bias) -> Tensor");
+  // Fused sampling (cogview/ops/sampling.py). seed/offset: one-element integer tensors (they may
+  // live on the device). temperature/top_k/top_p: a one-element or per-row [rows] tensor, which
+  // overrides the scalar *_value when given. vocab_hi = -1 means the vocabulary size. `invalid`
+  // (bool [rows]) gets True for rows with no finite allowed logit; other entries are untouched.
+  m.def("sample_tokens(Tensor logits, Tensor seed, Tensor offset, Tensor? temperature=None,"
+        " Tensor? top_k=None, Tensor? top_p=None, float temperature_value=1.0, int top_k_value=0,"
+        " float top_p_value=1.0, int vocab_lo=0, int vocab_hi=-1, Tensor(a!)? invalid=None) -> Tensor");
 }
 
 namespace {

@@ -1,5 +1,14 @@
-"""Cached decoding: `kv_cache_write` into a static K/V cache and `decode_attention` over it."""
+"""Cached decoding: `kv_cache_write` into a static K/V cache and `decode_attention` over it.
+
+Both are inference ops (no autograd). Caches are [batch, heads, max_len, head_dim] of one float
+dtype (k_cache and v_cache alike); new keys/values are cast to it when written. Attention
+accumulates in float32 (float64 for float64 q) and returns q's dtype. Position checks read
+`start`/`lengths` on the host for CPU tensors (eagerly, outside torch.compile) and again inside the
+CPU kernel, which raises before writing or reading anything out of range.
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -18,15 +27,19 @@ def _check_cache_pair(op: str, k_cache, v_cache) -> None:
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"cogview.ops.{op}: `v_cache` has shape {tuple(v_cache.shape)} but `k_cache` has "
                          f"{tuple(k_cache.shape)}")
+    if v_cache.dtype != k_cache.dtype:
+        raise TypeError(f"cogview.ops.{op}: `v_cache` is {v_cache.dtype} but `k_cache` is {k_cache.dtype}")
     _checks.same_device(op, "k_cache", k_cache, v_cache=v_cache)
 
 
 def _check_positions(op: str, name: str, value, batch: int, device) -> None:
     _checks.tensor(op, name, value)
-    if value.dtype not in (torch.int64, torch.int32) or value.shape != (batch,):
-        raise ValueError(f"cogview.ops.{op}: `{name}` must be an int64 tensor of shape ({batch},), got "
-                         f"{value.dtype} {tuple(value.shape)}")
-    _checks.same_device(op, "k_cache", torch.empty(0, device=device), **{name: value})
+    if value.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"cogview.ops.{op}: `{name}` must be an int64 (or int32) tensor, got {value.dtype}")
+    if value.shape != (batch,):
+        raise ValueError(f"cogview.ops.{op}: `{name}` must have shape ({batch},), got {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"cogview.ops.{op}: `{name}` is on {value.device} but the cache is on {device}")
 
 
 def kv_cache_write(k_cache, v_cache, k_new, v_new, start) -> None:
@@ -83,7 +96,24 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, text_len=0, te
             raise ValueError(f"cogview.ops.{op}: `lengths` must lie in [n, max_len] = [{n}, {max_len}], got "
                              f"values in [{lo}, {hi}]")
     scale = dim**-0.5 if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"cogview.ops.{op}: `scale` must be finite, got {scale}")
+    if not math.isfinite(float(text_bias)):
+        raise ValueError(f"cogview.ops.{op}: `text_bias` must be finite, got {text_bias}")
     if has_kernel(op, q.device.type):
         return torch.ops.cogview.decode_attention(q, k_cache, v_cache, lengths, scale, int(text_len),
                                                   float(text_bias))
     return reference.decode_attention(q, k_cache, v_cache, lengths, scale, int(text_len), float(text_bias))
+
+
+# ---- fake (meta) implementations: shapes and dtypes only, for torch.compile and export ----
+
+
+@torch.library.register_fake("cogview::kv_cache_write")
+def _kv_cache_write_fake(k_cache, v_cache, k_new, v_new, start):
+    return None
+
+
+@torch.library.register_fake("cogview::decode_attention")
+def _decode_attention_fake(q, k_cache, v_cache, lengths, scale, text_len, text_bias):
+    return q.new_empty(q.shape)

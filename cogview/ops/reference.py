@@ -90,3 +90,125 @@ def decode_attention(q, k_cache, v_cache, lengths, scale=None, text_len=0, text_
     logits = logits + text_bias * (key_pos < text_len).to(acc)
     logits = logits.masked_fill(~visible[:, None], float("-inf"))
     return torch.matmul(torch.softmax(logits, dim=-1), v_cache.to(acc)).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused token sampling and its counter-based random stream
+# ---------------------------------------------------------------------------------------------
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit halves of the 64-bit product of the constant `a` and the words `b`,
+    in int64 arithmetic without overflow: `a` is split into 16-bit halves, every partial
+    product stays below 2^48."""
+    a_lo, a_hi = a & 0xFFFF, a >> 16
+    p0 = b * a_lo  # < 2^48
+    p1 = b * a_hi  # < 2^48; the product is p1 * 2^16 + p0
+    t = ((p1 & 0xFFFF) << 16) + p0  # < 2^49
+    return (p1 >> 16) + (t >> 32), t & _MASK32
+
+
+def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Philox4x32-10 (Salmon et al., SC'11) on int64 tensors holding 32-bit words.
+
+    counter [..., 4] and key [..., 2] (broadcastable); returns the [..., 4] output words.
+    Identical to csrc/ops/philox.h (checked against the published known-answer vectors)."""
+    c0, c1, c2, c3 = (counter[..., i] & _MASK32 for i in range(4))
+    k0, k1 = key[..., 0] & _MASK32, key[..., 1] & _MASK32
+    for round_ in range(10):
+        if round_:
+            k0 = (k0 + _PHILOX_W0) & _MASK32
+            k1 = (k1 + _PHILOX_W1) & _MASK32
+        hi0, lo0 = _mulhilo32(_PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo32(_PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return torch.stack([c0, c1, c2, c3], dim=-1)
+
+
+def _words64(value, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Low and high 32-bit words of an int64 (two's complement, i.e. as a uint64)."""
+    v = torch.as_tensor(value, dtype=torch.int64, device=device).reshape(())
+    return v & _MASK32, (v >> 32) & _MASK32
+
+
+def sampling_uniforms(seed, offset, rows: int, device=None) -> torch.Tensor:
+    """The uniform u in [0, 1) of each row: float64 [rows].
+
+    key = (seed mod 2^32, seed >> 32), counter = (offset mod 2^32, offset >> 32, row mod 2^32,
+    row >> 32) with seed and offset read as uint64; u = (first output word) / 2^32. seed/offset may be Python
+    ints or one-element int64 tensors (on any device: nothing is read back to the host)."""
+    if isinstance(seed, torch.Tensor) and device is None:
+        device = seed.device
+    seed_lo, seed_hi = _words64(seed, device)
+    off_lo, off_hi = _words64(offset, device)
+    row = torch.arange(rows, dtype=torch.int64, device=device)
+    counter = torch.stack(
+        [off_lo.expand(rows), off_hi.expand(rows), row & _MASK32, (row >> 32) & _MASK32], dim=-1
+    )
+    key = torch.stack([seed_lo, seed_hi]).expand(rows, 2)
+    word = philox4x32_10(counter, key)[:, 0]
+    return word.to(torch.float64) * 2.0**-32
+
+
+def _per_row(value, rows: int, dtype: torch.dtype, device) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=dtype, device=device).reshape(-1).expand(rows)
+
+
+def sample_tokens(logits, *, temperature=1.0, top_k=0, top_p=1.0, vocab_range=None, seed, offset=0, invalid=None):
+    """The definition of cogview.ops.sample_tokens, with a stable sort and cumulative sums.
+
+    Per row, over the ids [lo, hi):
+      x = logits as float32, NaN -> -inf. Canonical order: larger x first, then lower id
+      (-0 and +0 are equal).
+      temperature 0: the first id in canonical order (argmax, lowest id on ties).
+      s = x / temperature in float32 (clamped to +-float32 max unless x is -inf), m = max s,
+      w = exp(s - m) in float64 for the first top_k ids in canonical order (0 or >= the range
+      size keeps all), 0 for the rest.
+      top-p (top_p < 1): with cum the float64 cumulative sum of w in canonical order and
+      Z = its last value, keep the ids whose preceding sum is < top_p * Z (this keeps the token
+      that crosses top_p, and always the first).
+      Draw: with C the cumulative sum of the kept weights in ascending id order and u the row's
+      uniform (`sampling_uniforms`), the token is the first id with C > u * C[-1].
+    Rows whose x are all -inf return lo and set invalid[row] = True.
+    """
+    rows, vocab = logits.shape
+    lo, hi = (0, vocab) if vocab_range is None else (int(vocab_range[0]), int(vocab_range[1]))
+    n, device = hi - lo, logits.device
+    x = logits[:, lo:hi].float()
+    x = torch.where(torch.isnan(x), float("-inf"), x) + 0.0  # NaN -> -inf; -0 -> +0 (equal keys on every device)
+    temperature = _per_row(temperature, rows, torch.float32, device)
+    top_k = _per_row(top_k, rows, torch.int64, device)
+    top_p = _per_row(top_p, rows, torch.float64, device)
+
+    order = torch.sort(x, dim=1, descending=True, stable=True).indices  # canonical order
+    xs = x.gather(1, order)
+    rank = torch.arange(n, device=device)
+    greedy = temperature == 0
+    safe_t = torch.where(greedy, torch.ones_like(temperature), temperature)
+    big = torch.finfo(torch.float32).max
+    s = (xs / safe_t[:, None]).clamp(-big, big)
+    s = torch.where(xs == float("-inf"), float("-inf"), s)
+    k_eff = torch.where((top_k <= 0) | (top_k >= n), n, top_k)
+    w = torch.exp(s.double() - s[:, :1].double())
+    w = torch.where(rank[None, :] < k_eff[:, None], w, 0.0)
+    w = torch.nan_to_num(w, nan=0.0)  # rows with no finite logit (handled below)
+    cum = torch.cumsum(w, dim=1)
+    before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=1)
+    in_nucleus = (before < (top_p * cum[:, -1])[:, None]) | (rank[None, :] == 0) | (top_p[:, None] >= 1)
+    w = torch.where(in_nucleus, w, 0.0)
+
+    by_id = torch.zeros_like(w).scatter(1, order, w)
+    cum_id = torch.cumsum(by_id, dim=1)
+    u = sampling_uniforms(seed, offset, rows, device)
+    target = u * cum_id[:, -1]
+    drawn = (cum_id <= target[:, None]).sum(dim=1).clamp(max=n - 1)
+    token = torch.where(greedy, order[:, 0], drawn)
+    bad = xs[:, 0] == float("-inf")
+    token = torch.where(bad, 0, token) + lo
+    if invalid is not None:
+        invalid.logical_or_(bad)
+    return token

@@ -1,0 +1,121 @@
+// CPU implementation of cogview::decode_attention: split-K over the cache, then a merge.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cpu/isa.h"
+#include "cpu/tensor_utils.h"
+#include "ops/decoding_checks.h"
+
+namespace cogview::cpu {
+namespace {
+
+// Keys per split. Fixed (not derived from the thread count), so results do not depend on it:
+// both schedules below compute the same chunk partials and merge them in the same order.
+constexpr int64_t kChunk = 512;
+// With at least this many (b, h) pairs per thread, pairs are the unit of work (one parallel
+// region; a second region costs a barrier, which on a busy machine can cost a time slice).
+constexpr int64_t kPairsPerThread = 4;
+
+at::Tensor unit_last(const at::Tensor& t) { return t.stride(3) == 1 || t.size(3) == 1 ? t : t.contiguous(); }
+
+at::Tensor decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                const at::Tensor& lengths, double scale, int64_t text_len, double text_bias) {
+  ops::check_decode_attention(q_in, k_in, v_in, lengths, scale, text_bias);
+  const int64_t batch = k_in.size(0), heads = k_in.size(1), max_len = k_in.size(2), dim = k_in.size(3);
+  const int64_t n = q_in.size(2);
+  const at::Tensor len64 = lengths.to(at::kLong).contiguous();
+  const int64_t* len = len64.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK_VALUE(len[b] >= n && len[b] <= max_len, "cogview: decode_attention `lengths[", b, "]` = ", len[b],
+                      " must lie in [n, max_len] = [", n, ", ", max_len, "]");
+  }
+  at::Tensor out = at::empty({batch, heads, n, dim}, q_in.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor q = unit_last(q_in), k = unit_last(k_in), v = unit_last(v_in);
+
+  // Tasks (b, h, chunk), pair-major; partial slots only for the sequences that are split.
+  std::vector<int64_t> tasks, all_pairs, pair_first_task, chunk_base(batch, 0);
+  int64_t slots = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t chunks = (len[b] + kChunk - 1) / kChunk;
+    chunk_base[b] = slots;
+    if (chunks > 1) slots += heads * chunks;
+    for (int64_t h = 0; h < heads; ++h) {
+      pair_first_task.push_back(static_cast<int64_t>(tasks.size() / 3));
+      for (int64_t c = 0; c < chunks; ++c) tasks.insert(tasks.end(), {b, h, c});
+      all_pairs.insert(all_pairs.end(), {b, h});
+    }
+  }
+  pair_first_task.push_back(static_cast<int64_t>(tasks.size() / 3));
+  const bool f64 = q.scalar_type() == at::kDouble;
+  at::Tensor partials = at::empty({slots * n * (dim + 2)}, q.options().dtype(f64 ? at::kDouble : at::kFloat));
+
+  DecodeAttentionArgs a;
+  a.batch = batch;
+  a.heads = heads;
+  a.n = n;
+  a.dim = dim;
+  a.q = q.data_ptr();
+  a.q_type = elem_type(q, "q");
+  a.q_stride_b = q.stride(0);
+  a.q_stride_h = q.stride(1);
+  a.q_stride_i = q.stride(2);
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  a.kv_type = elem_type(k, "k_cache");
+  a.k_stride_b = k.stride(0);
+  a.k_stride_h = k.stride(1);
+  a.k_stride_pos = k.stride(2);
+  a.v_stride_b = v.stride(0);
+  a.v_stride_h = v.stride(1);
+  a.v_stride_pos = v.stride(2);
+  a.lengths = len;
+  a.scale = scale;
+  a.text_len = text_len;
+  a.text_bias = text_bias;
+  a.out = out.data_ptr();
+  a.out_type = elem_type(out, "q");
+  a.chunk = kChunk;
+  a.chunk_base = chunk_base.data();
+  a.partials = partials.data_ptr();
+  a.f64 = f64;
+  const int64_t task_count = static_cast<int64_t>(tasks.size() / 3);
+  const int64_t pair_count = batch * heads;
+  if (pair_count >= kPairsPerThread * at::get_num_threads()) {
+    // Enough (b, h) pairs to share out: one parallel region, each pair's chunks and merge in turn.
+    at::parallel_for(0, pair_count, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t first = pair_first_task[p], last = pair_first_task[p + 1];
+        COGVIEW_CPU_DISPATCH(decode_attention_chunks, a, tasks.data(), first, last);
+        if (last - first > 1) COGVIEW_CPU_DISPATCH(decode_attention_merge, a, all_pairs.data(), p, p + 1);
+      }
+    });
+    return out;
+  }
+  // Few pairs (small batch, long caches): spread the chunks, then merge the split pairs.
+  at::parallel_for(0, task_count, 1, [&](int64_t begin, int64_t end) {
+    COGVIEW_CPU_DISPATCH(decode_attention_chunks, a, tasks.data(), begin, end);
+  });
+  std::vector<int64_t> merge_pairs;
+  for (int64_t p = 0; p < pair_count; ++p) {
+    if (pair_first_task[p + 1] - pair_first_task[p] > 1) {
+      merge_pairs.insert(merge_pairs.end(), {all_pairs[2 * p], all_pairs[2 * p + 1]});
+    }
+  }
+  const int64_t merge_count = static_cast<int64_t>(merge_pairs.size() / 2);
+  if (merge_count > 0) {
+    at::parallel_for(0, merge_count, 8, [&](int64_t begin, int64_t end) {
+      COGVIEW_CPU_DISPATCH(decode_attention_merge, a, merge_pairs.data(), begin, end);
+    });
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cogview, CPU, m) { m.impl("decode_attention", &decode_attention_cpu); }
+
+}  // namespace cogview::cpu
