@@ -188,6 +188,9 @@ def build_dataset(spec, resolution: int | None = None, default_seed: int = 0):
 
 def make_loader(dataset, sampler: MicroBatchSampler, num_workers: int = 0) -> torch.utils.data.DataLoader:
     """A DataLoader over `dataset` (wrapped in EpochItems) drawing `sampler`'s micro-batches in order."""
+    # A private generator: creating the iterator draws a base seed from it, never from the global RNG
+    # (which a resumed run restores and must not see consumed).
     return torch.utils.data.DataLoader(EpochItems(dataset), batch_sampler=sampler, collate_fn=collate,
                                        num_workers=num_workers, persistent_workers=False,
-                                       prefetch_factor=4 if num_workers > 0 else None)
+                                       prefetch_factor=4 if num_workers > 0 else None,
+                                       generator=torch.Generator().manual_seed(0))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -15,10 +16,11 @@ __all__ = ["tokenize_dataset"]
 @torch.no_grad()
 def tokenize_dataset(dataset, vqvae, output: str | os.PathLike, *, batch_size: int = 64, num_workers: int = 0,
                      device: str | torch.device = "cpu", dtype: torch.dtype | None = None, overwrite: bool = False,
-                     progress: bool = True, log=print) -> dict:
+                     progress: bool = True, log=print, vqvae_path: str | os.PathLike | None = None) -> dict:
     """Encode every image of `dataset` (items with "image" and "captions") with `vqvae.encode`, in index
     order, into the token file `output`. Items whose image is missing or unreadable are skipped and
-    counted. Returns a summary dict (items, skipped, seconds, images_per_s, path)."""
+    counted. `vqvae_path` (the VQ-VAE's model directory) is recorded in the header, so `cogview train`
+    finds the VQ-VAE by itself. Returns a summary dict (items, skipped, seconds, images_per_s, path)."""
     from tqdm import tqdm
 
     n = len(dataset)
@@ -56,7 +58,8 @@ def tokenize_dataset(dataset, vqvae, output: str | os.PathLike, *, batch_size: i
                 codes = vqvae.encode(images)
             writer.append(codes, batch["captions"])
         seconds = time.perf_counter() - start
-        writer.close(num_skipped=tally.count, skipped_examples=[str(e) for e in tally.examples])
+        writer.close(num_skipped=tally.count, skipped_examples=[str(e) for e in tally.examples],
+                     vqvae_path=str(Path(vqvae_path).resolve()) if vqvae_path else None)
     except BaseException:
         writer.abort()
         raise
