@@ -87,9 +87,14 @@ def wrap_model(module: nn.Module, env: DistEnv, mode: str, shard_units=()) -> nn
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        import warnings
+
         ids = [env.device.index] if env.device.type == "cuda" else None
-        # Buffers (the VQ-VAE codebook) are kept identical by the modules themselves (all-reduced EMA).
-        return DDP(module, device_ids=ids, broadcast_buffers=False)
+        # Buffers (the VQ-VAE codebook) are kept identical by the modules themselves (all-reduced EMA),
+        # so DDP need not broadcast them before every forward.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+            return DDP(module, device_ids=ids, broadcast_buffers=False)
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 

@@ -183,7 +183,10 @@ class TransformerTrainer(Trainer):
         self.tokenizer = tokenizer
         self.transformer = transformer
         self.module = TransformerLoss(transformer)
-        self.shard_units = list(transformer.layers)
+        # FSDP units: each layer's attention and MLP (the bulk of the weights). Not whole layers: a layer's
+        # fused add+LayerNorm step applies the NEXT layer's input LayerNorm, so LayerNorms (and the
+        # embeddings) stay with the root unit, gathered for the whole forward and backward.
+        self.shard_units = [m for layer in transformer.layers for m in (layer.attention, layer.mlp)]
         self.sample_prompts = list(c.sample_prompts) or self._default_prompts()
         t = transformer.config
         self.log(f"transformer {full.name or 'model'}: {transformer.num_parameters():,} parameters ({t.num_layers} "
