@@ -92,6 +92,8 @@ class VQVAETrainConfig(TrainConfig):
     model: str = setting("small-x4", "VQ-VAE preset (cogview.models.vqvae_presets, or a full-model preset)")
     resolution: int = setting(0, "training image size (0: the preset's image_size)")
     loss: str = setting("l2", "reconstruction loss in normalised pixel space", choices=("l2", "l1"))
+    channels_last: bool = setting(True, "run the convolutions in channels-last memory format (faster with oneDNN "
+                                        "on CPUs and with cuDNN)")
     grid_images: int = setting(8, "images in each reconstruction grid")
 
 

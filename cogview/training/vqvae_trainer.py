@@ -32,17 +32,23 @@ __all__ = ["VQVAETrainer", "VQVAELoss", "train_vqvae"]
 class VQVAELoss(nn.Module):
     """forward(images) -> (loss, metrics); forward(images, reconstruct=True) -> reconstructions in [0, 1]."""
 
-    def __init__(self, vqvae: VQVAE, loss: str = "l2"):
+    def __init__(self, vqvae: VQVAE, loss: str = "l2", channels_last: bool = False):
         super().__init__()
         if loss not in ("l2", "l1"):
             raise ValueError(f"VQVAELoss: `loss` must be 'l2' or 'l1', got {loss!r}")
         self.vqvae = vqvae
         self.loss = loss
+        self.channels_last = channels_last
+        if channels_last:
+            vqvae.encoder.to(memory_format=torch.channels_last)
+            vqvae.decoder.to(memory_format=torch.channels_last)
         self.last_codes: torch.Tensor | None = None
         self.last_restarted = 0
 
     def forward(self, images: torch.Tensor, reconstruct: bool = False):
         vq = self.vqvae
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         target = vq.normalize(images)
         z = vq.encoder(target)
         q = vq.quantizer(z)
@@ -107,7 +113,7 @@ class VQVAETrainer(Trainer):
             raise ValueError(f"the dataset's images are {tuple(first[0]['image'].shape[-2:])}, not "
                              f"{self.resolution}x{self.resolution}: set the dataset's resolution")
         self.vqvae = vqvae
-        self.module = VQVAELoss(vqvae, c.loss)
+        self.module = VQVAELoss(vqvae, c.loss, channels_last=c.channels_last)
         self.shard_units = [vqvae.encoder, vqvae.decoder]
         self.grid = torch.stack([it["image"] for it in self._first_items(c.grid_images)]) if c.grid_images else None
         self.code_counts = torch.zeros(vqvae.config.codebook_size, dtype=torch.float64)
@@ -138,7 +144,8 @@ class VQVAETrainer(Trainer):
         return prepared.count
 
     def dummy(self, prepared: _Images) -> _Images:
-        return _Images(self.grid[:1].to(self.device), 1)
+        # Every process must run the forward (the EMA codebook update all-reduces); its loss gets weight 0.
+        return _Images(torch.full((1, 3, self.resolution, self.resolution), 0.5, device=self.device), 1)
 
     def forward_loss(self, prepared: _Images):
         loss, metrics = self.forward_model(prepared.images)
@@ -196,7 +203,7 @@ class VQVAETrainer(Trainer):
         state = full_model_state_dict(self.model, self.env)
         if self.env.is_main:
             prefix = "vqvae."
-            vqvae_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            vqvae_state = {k[len(prefix):]: v.contiguous() for k, v in state.items() if k.startswith(prefix)}
             c = self.config
             describe = self.dataset.describe() if hasattr(self.dataset, "describe") else {}
             metadata = {"training": {"trainer": "vqvae", "steps": c.steps, "batch_size": c.batch_size,
