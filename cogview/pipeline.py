@@ -47,6 +47,7 @@ from cogview.checkpoint import (
     SafetensorsFile,
     atomic_write_bytes,
     atomic_write_text,
+    check_state_shapes,
     dtype_from_name,
     dtype_name,
     load_into_meta_module,
@@ -300,14 +301,22 @@ def save_model_dir(path: str | os.PathLike, *, vqvae, transformer=None, tokenize
                              f"{len(wanted[2])}")
         tokenizer_bytes = tok.model_bytes
 
+    vqvae_state = _state_dict(vqvae, "vqvae")
+    state = _state_dict(transformer, "transformer") if full is not None else None
+    # refuse to write a directory that would not load: names and shapes against the config
+    with torch.device("meta"):
+        check_state_shapes({k: tuple(v.shape) for k, v in VQVAE(vqvae_config).state_dict().items()},
+                           {k: tuple(v.shape) for k, v in vqvae_state.items()}, "save_model_dir: vqvae")
+        if full is not None:
+            check_state_shapes({k: tuple(v.shape) for k, v in CogViewTransformer(full.transformer).state_dict().items()},
+                               {k: tuple(v.shape) for k, v in state.items()}, "save_model_dir: transformer")
+
     path.mkdir(parents=True, exist_ok=True)
     save_id = uuid.uuid4().hex
     files: dict[str, dict[str, Any]] = {}
-    vqvae_state = _state_dict(vqvae, "vqvae")
     save_safetensors(path / VQVAE_FILE, vqvae_state, {"format": "cogview-vqvae", _SAVE_ID_KEY: save_id})
     files[VQVAE_FILE] = {"save_id": save_id}
     if full is not None:
-        state = _state_dict(transformer, "transformer")
         save_safetensors(path / TRANSFORMER_FILE, state, {"format": "cogview-transformer", _SAVE_ID_KEY: save_id},
                          dtype=dtype)
         stored = {v.dtype for v in state.values() if v.is_floating_point()}

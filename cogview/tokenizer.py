@@ -81,7 +81,8 @@ class TextTruncatedWarning(UserWarning):
 def train_text_model(captions: Iterable[str], vocab_size: int, *, model_type: str = "bpe",
                      character_coverage: float = 0.9995, byte_fallback: bool = True,
                      normalization: str = "identity", max_sentence_length: int = 16384,
-                     num_threads: int = 1, out: str | os.PathLike | None = None) -> bytes:
+                     max_sentences: int | None = 2_000_000, seed: int = 0, num_threads: int = 1,
+                     out: str | os.PathLike | None = None) -> bytes:
     """Train a SentencePiece model on `captions` (an iterable of strings; empty ones are skipped) and
     return the serialized model (also written atomically to `out` when given).
 
@@ -89,8 +90,8 @@ def train_text_model(captions: Iterable[str], vocab_size: int, *, model_type: st
     vocab_size >= 259 + the distinct characters kept); `character_coverage` 0.9995 (the share of
     characters given their own piece; the rest go through bytes); the `identity` normalisation keeps
     text as written (use "nmt_nfkc" to fold full-width forms). `vocab_size` is an upper bound: a small
-    caption set may give fewer pieces. Pieces 0, 1, 2 are <unk>, <s>, </s>. Deterministic for a given
-    caption list.
+    caption set may give fewer pieces. Pieces 0, 1, 2 are <unk>, <s>, </s>. More than `max_sentences`
+    captions are subsampled (seeded by `seed`). Deterministic for a given caption list.
     """
     import sentencepiece as spm
 
@@ -112,6 +113,10 @@ def train_text_model(captions: Iterable[str], vocab_size: int, *, model_type: st
             lines.append(caption)
     if not lines:
         raise ValueError("train_text_model: no non-empty captions to train on")
+    if max_sentences is not None and len(lines) > max_sentences:
+        import random
+
+        lines = random.Random(seed).sample(lines, int(max_sentences))
 
     buffer = io.BytesIO()
     try:
@@ -177,7 +182,9 @@ class Layout:
     def loss_weights(self, text_loss_scale: float = 1.0) -> torch.Tensor:
         """float32 [L]: the weight of predicting token i from tokens < i (CogView's loss: every token
         but the first, text tokens times `text_loss_scale`). Use `weights[1:]` against
-        `logits[:-1]`."""
+        `logits[:-1]`. The scale goes by the kind of the predicted token; CogView's code keyed it on the
+        input token instead (any non-image input), so it also scaled the predictions of [BASE], [BOI1]
+        and the first image code: three tokens per sequence, not reproduced here."""
         if not self.complete:
             raise ValueError(f"Layout.loss_weights: this {self.kind} layout still has placeholder image codes")
         weights = torch.ones(len(self), dtype=torch.float32)
