@@ -139,3 +139,34 @@ def test_vqvae_processes_match_one_process(runs, name, tmp_path):
     train_vqvae(**dict(vq, output=str(tmp_path / "resumed"),
                        resume=str(root / name / "training" / "checkpoints" / "step-00000002")))
     assert [r["step"] for r in _metrics(tmp_path / "resumed")] == [3, 4]
+
+
+def test_torchrun_cli_fsdp_then_resume_in_one_process(runs, tmp_path):
+    """The documented path: `torchrun ... -m cogview.cli train --distributed fsdp`, stopped early, then the
+    sharded checkpoint finished by a plain single-process `cogview train --resume`."""
+    import subprocess
+    import sys
+
+    from cogview.cli import main
+    from cogview.pipeline import load_transformer
+
+    root, tf, _ = runs
+    out = tmp_path / "run"
+    flags = ["--data", tf["data"], "--output", str(out), "--model", "test-tiny", "--model-overrides",
+             json.dumps(tf["model_overrides"]), "--text-vocab-size", "400", "--steps", "4", "--batch-size", "8",
+             "--lr", "2e-3", "--warmup-steps", "1", "--log-every", "1", "--checkpoint-every", "2",
+             "--caption-ratio", "0.3", "--caption-dropout", "0.2", "--no-progress", "--no-tensorboard",
+             "--threads", "1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}", "-m",
+           "cogview.cli", "train", *flags, "--distributed", "fsdp", "--stop-at", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent), env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "training" / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    assert not (out / "config.json").exists()
+    assert main(["train", *flags, "--resume"]) == 0
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]
+    for a, b in zip(_metrics(root / "tf1"), _metrics(out)):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    _close_states(load_transformer(root / "tf1").state_dict(), load_transformer(out).state_dict())

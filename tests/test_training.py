@@ -342,33 +342,27 @@ def test_precisions_checkpointing_and_fine_tuning(tmp_path, tokens):
     assert first["fp32"] < _metrics(fresh)[0]["loss"]
 
 
-def test_cli_trains_end_to_end(tmp_path, tokens, capsys):
-    from cogview.commands.training import COMMANDS
-
-    parser = argparse.ArgumentParser(prog="cogview")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for add in COMMANDS:
-        add(sub)
-
-    def run(*argv):
-        args = parser.parse_args([str(a) for a in argv])
-        return args.func(args)
+def test_cli_trains_end_to_end(tmp_path, capsys):
+    from cogview.cli import build_parser, main
+    from cogview.pipeline import CogView
 
     config = tmp_path / "vq.yaml"
     config.write_text("model: test-x4\nresolution: 16\nsteps: 2\nbatch_size: 4\nprogress: false\nthreads: 1\n"
                       "data: {name: shapes, num_samples: 16, resolution: 16}\ngrid_images: 2\n")
-    assert run("train-vqvae", "--config", config, "--output", tmp_path / "vq", "--lr", "1e-3") == 0
-    assert run("tokenize-images", "--vqvae", tmp_path / "vq", "--data", '{"name": "shapes", "num_samples": 12}',
-               "--output", tmp_path / "tok", "--batch-size", 5) == 0
+    assert main(["train-vqvae", "--config", str(config), "--output", str(tmp_path / "vq"), "--lr", "1e-3"]) == 0
+    assert main(["tokenize-images", "--vqvae", str(tmp_path / "vq"), "--data", '{"name": "shapes", "num_samples": 12}',
+                 "--output", str(tmp_path / "tok"), "--batch-size", "5"]) == 0
     assert len(TokenDataset(tmp_path / "tok")) == 12
-    assert run("train", "--data", tmp_path / "tok", "--output", tmp_path / "cv", "--model", "test-tiny",
-               "--model-overrides", '{"text_tokens": 400, "max_positions": 80}', "--text-vocab-size", 400,
-               "--steps", 2, "--batch-size", 4, "--no-progress", "--threads", 1) == 0
-    out = capsys.readouterr().out
-    assert '"finished": true' in out
-    from cogview.pipeline import CogView
-
+    argv = ["train", "--data", str(tmp_path / "tok"), "--output", str(tmp_path / "cv"), "--model", "test-tiny",
+            "--model-overrides", '{"text_tokens": 400, "max_positions": 80}', "--text-vocab-size", "400",
+            "--steps", "2", "--batch-size", "4", "--no-progress", "--threads", "1"]
+    assert main(argv) == 0
+    assert '"finished": true' in capsys.readouterr().out
     assert CogView.from_pretrained(tmp_path / "cv").config.vqvae.image_size == 16
+    # Errors are reported, not raised: e.g. a missing token file / VQ-VAE.
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x"), "--no-progress"]) == 1
+    assert "error" in capsys.readouterr().err
+    parser = build_parser()
     for name in ("train-vqvae", "tokenize-images", "train"):
         with pytest.raises(SystemExit):
             parser.parse_args([name, "--help"])

@@ -96,7 +96,13 @@ def wrap_model(module: nn.Module, env: DistEnv, mode: str, shard_units=()) -> nn
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
             return DDP(module, device_ids=ids, broadcast_buffers=False)
     if mode == "fsdp":
+        import warnings
+
         from torch.distributed.fsdp import fully_shard
+
+        # The units' outputs (attention/MLP branches) are views, but every consumer (add_layer_norm) is
+        # out of place, so the pre-backward hook FSDP registers on them is never bypassed.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
         for unit in shard_units:
             fully_shard(unit)

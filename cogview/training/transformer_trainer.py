@@ -226,12 +226,12 @@ class TransformerTrainer(Trainer):
         model_bytes = None
         if self.env.is_main:
             captions = []
-            for i in range(min(len(self.dataset), 50000)):
+            for i in range(min(len(self.dataset), 200_000)):
                 for caption in self.dataset.captions(i):
                     captions.append(f"{caption} {c.style}" if c.style else caption)
             size = c.text_vocab_size or full.transformer.text_tokens
             size = min(size, full.transformer.text_tokens)
-            model_bytes = train_text_model(captions, size)
+            model_bytes = train_text_model(captions, size, seed=c.seed)
             self.log(f"trained a SentencePiece tokenizer on {len(captions)} captions (vocab <= {size})")
         model_bytes = broadcast_object(model_bytes, self.env)
         return CogViewTokenizer.for_config(model_bytes, full)

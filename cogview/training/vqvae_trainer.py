@@ -113,7 +113,9 @@ class VQVAETrainer(Trainer):
             raise ValueError(f"the dataset's images are {tuple(first[0]['image'].shape[-2:])}, not "
                              f"{self.resolution}x{self.resolution}: set the dataset's resolution")
         self.vqvae = vqvae
-        self.module = VQVAELoss(vqvae, c.loss, channels_last=c.channels_last)
+        # FSDP2 cannot shard channels-last (non-contiguous) parameters.
+        fsdp = self.env.distributed and c.distributed == "fsdp"
+        self.module = VQVAELoss(vqvae, c.loss, channels_last=c.channels_last and not fsdp)
         self.shard_units = [vqvae.encoder, vqvae.decoder]
         self.grid = torch.stack([it["image"] for it in self._first_items(c.grid_images)]) if c.grid_images else None
         self.code_counts = torch.zeros(vqvae.config.codebook_size, dtype=torch.float64)
