@@ -368,3 +368,25 @@ def test_cli_trains_end_to_end(tmp_path, capsys):
             parser.parse_args([name, "--help"])
         text = capsys.readouterr().out
         assert "--config" in text and "--output" in text
+
+
+def test_sigterm_checkpoints_and_stops(tmp_path, tokens, monkeypatch):
+    import os
+    import signal
+
+    from cogview.training.transformer_trainer import TransformerTrainer
+
+    def log_extra(self, step):  # runs after step 2's statistics: the flag is seen at the end of step 3
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler's pre-emption notice would
+        return {}
+
+    monkeypatch.setattr(TransformerTrainer, "log_extra", log_extra)
+    previous = signal.getsignal(signal.SIGTERM)
+    summary = train_transformer(output=str(tmp_path / "run"), **_tf_settings(tokens, steps=6))
+    assert summary["interrupted"] and summary["step"] == 3 and not summary["finished"]
+    assert (tmp_path / "run" / "training" / "checkpoints" / "latest").read_text().strip() == "step-00000003"
+    assert signal.getsignal(signal.SIGTERM) is previous  # the trainer's handler is gone again
+    monkeypatch.undo()
+    summary = train_transformer(output=str(tmp_path / "run"), resume="latest", **_tf_settings(tokens, steps=6))
+    assert summary["finished"] and summary["steps_run"] == 3
