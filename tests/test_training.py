@@ -152,6 +152,8 @@ def test_vqvae_resume_is_bit_exact(tmp_path):
     train_vqvae(output=str(tmp_path / "full"), **kw)
     stopped = train_vqvae(output=str(tmp_path / "split"), stop_at=4, **kw)
     assert not stopped["finished"] and not (tmp_path / "split" / "config.json").exists()
+    with pytest.raises(FileExistsError, match="--resume"):  # a fresh start would mix with the earlier run
+        train_vqvae(output=str(tmp_path / "split"), **kw)
     train_vqvae(output=str(tmp_path / "split"), resume="latest", **kw)
     a, b = load_vqvae(tmp_path / "full").state_dict(), load_vqvae(tmp_path / "split").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -292,10 +292,12 @@ class Trainer:
 
     def _find_resume(self, checkpoints: CheckpointManager) -> Path | None:
         resume = self.config.resume
-        if resume in (None, False, ""):
-            return None
         error, path = None, None
-        if self.env.is_main:
+        if resume in (None, False, ""):
+            if self.env.is_main and checkpoints.latest() is not None:
+                error = (f"{checkpoints.directory} holds checkpoints of an earlier run: pass --resume to continue "
+                         f"it, or remove that folder (or pick another --output) to start over")
+        elif self.env.is_main:
             try:
                 path = checkpoints.resolve(resume)
             except FileNotFoundError as e:
@@ -304,7 +306,7 @@ class Trainer:
 
         error, path = broadcast_object((error, str(path) if path else None), self.env)
         if error:
-            raise FileNotFoundError(error)
+            raise (FileNotFoundError if resume not in (None, False, "") else FileExistsError)(error)
         if path is None:
             self.log("no checkpoint to resume from: starting at step 0")
         return Path(path) if path else None

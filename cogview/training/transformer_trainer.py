@@ -104,16 +104,15 @@ class TransformerLoss(nn.Module):
         weights = batch.weights[select]
         losses = F.cross_entropy(logits, targets, reduction="none")
         loss = (losses * weights).sum() / weights.sum().clamp_min(1e-12)
-        with torch.no_grad():
-            text = batch.text_targets[select]
-            image = targets < self.transformer.config.image_tokens
-            zero = losses.new_zeros(())
+        with torch.no_grad():  # masked means: no data-dependent branches (torch.compile-friendly)
+            text = batch.text_targets[select].float()
+            image = (targets < self.transformer.config.image_tokens).float()
+            correct = (logits.argmax(-1) == targets).float()
             metrics = {
                 "loss": loss.detach(),
-                "image_loss": losses[image].mean() if bool(image.any()) else zero,
-                "text_loss": losses[text].mean() if bool(text.any()) else zero,
-                "image_accuracy": (logits[image].argmax(-1) == targets[image]).float().mean()
-                if bool(image.any()) else zero,
+                "image_loss": (losses * image).sum() / image.sum().clamp_min(1),
+                "text_loss": (losses * text).sum() / text.sum().clamp_min(1),
+                "image_accuracy": (correct * image).sum() / image.sum().clamp_min(1),
             }
         return loss, metrics
 
