@@ -361,6 +361,12 @@ def test_cli_trains_end_to_end(tmp_path, capsys):
     assert main(argv) == 0
     assert '"finished": true' in capsys.readouterr().out
     assert CogView.from_pretrained(tmp_path / "cv").config.vqvae.image_size == 16
+    # An image dataset + --vqvae: tokenized once into OUTPUT/training/tokens first.
+    argv2 = [a if a != str(tmp_path / "tok") else '{"name": "shapes", "num_samples": 10}' for a in argv]
+    argv2[argv2.index(str(tmp_path / "cv"))] = str(tmp_path / "cv2")
+    assert main(argv2 + ["--vqvae", str(tmp_path / "vq")]) == 0
+    assert len(TokenDataset(tmp_path / "cv2" / "training" / "tokens")) == 10
+    assert CogView.from_pretrained(tmp_path / "cv2").metadata["training"]["source"]["name"] == "shapes"
     # Errors are reported, not raised: e.g. a missing token file / VQ-VAE.
     assert main(["train", "--data", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x"), "--no-progress"]) == 1
     assert "error" in capsys.readouterr().err
