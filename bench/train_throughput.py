@@ -56,6 +56,8 @@ class _null:
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], _extra)
+    if args.smoke:  # tiny ops: on a shared 2-core machine the intra-op thread hand-off would dominate
+        torch.set_num_threads(1)
     torch.manual_seed(0)
     rows = []
 
