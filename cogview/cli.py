@@ -209,6 +209,10 @@ def add_convert_parser(subparsers) -> None:
 # ---------------------------------------------------------------------------------------------
 
 COMMANDS: list[Callable] = [add_tokenizer_parser, add_convert_parser]
+# train-vqvae, tokenize-images, train (cogview/commands/training.py)
+from cogview.commands.training import COMMANDS as _TRAINING_COMMANDS  # noqa: E402
+
+COMMANDS += _TRAINING_COMMANDS
 # generate, caption, evaluate (cogview/commands/generation.py)
 from cogview.commands.generation import COMMANDS as _GENERATION_COMMANDS  # noqa: E402
 

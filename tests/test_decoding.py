@@ -92,6 +92,25 @@ def test_long_caches_split_and_merge(dtype, n):
 
 
 @pytest.mark.skipif(not HAS_ATTENTION_KERNEL, reason="no CPU kernel")
+def test_results_do_not_depend_on_the_thread_count():
+    # 6 (b, h) pairs: one thread runs them pair by pair, four threads spread the chunks and merge
+    # afterwards. Both compute the same chunk partials and merge them in the same order.
+    gen = torch.Generator().manual_seed(10)
+    k, v = _randn(gen, 3, 2, 1500, 64), _randn(gen, 3, 2, 1500, 64)
+    q = _randn(gen, 3, 2, 2, 64)
+    lengths = torch.tensor([1500, 700, 2])
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = decode_attention(q, k, v, lengths, text_len=64, text_bias=1.4)
+        torch.set_num_threads(4)
+        four = decode_attention(q, k, v, lengths, text_len=64, text_bias=1.4)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(one, four)
+
+
+@pytest.mark.skipif(not HAS_ATTENTION_KERNEL, reason="no CPU kernel")
 @pytest.mark.parametrize("isa", cogview.ops.usable_cpu_isas())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_every_isa(isa, dtype):

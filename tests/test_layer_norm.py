@@ -303,3 +303,34 @@ def test_layer_norm_bad_inputs():
 def test_direct_op_calls_are_checked_in_cpp_too():
     with pytest.raises(ValueError, match="`weight` must be 1-D"):
         torch.ops.cogview.layer_norm(torch.randn(2, 8), torch.ones(7), torch.zeros(8), 1e-5, False)
+
+
+@pytest.mark.parametrize("with_next", [False, True])
+def test_opcheck_backward_ops(with_next):
+    x, g = torch.randn(3, 4, 17), torch.randn(3, 4, 17)
+    w = _param(17, offset=1.0)
+    _, stats = torch.ops.cogview.layer_norm(x, w, w, 1e-5, False)
+    torch.library.opcheck(torch.ops.cogview.layer_norm_backward.default, (g, x, w, stats))
+    residual = torch.randn(3, 4, 17)
+    nxt = (w, w) if with_next else (None, None)
+    new_residual, _, stats = torch.ops.cogview.add_layer_norm(residual, x, w, w, *nxt, 1e-5, False)
+    grad_normed = torch.randn(3, 4, 17) if with_next else None
+    torch.library.opcheck(torch.ops.cogview.add_layer_norm_backward.default,
+                          (g, grad_normed, x, new_residual, w, nxt[0], stats))
+
+
+def test_direct_backward_calls_with_wrong_shapes_raise():
+    x, w = torch.randn(4, 8), torch.ones(8)
+    _, stats = torch.ops.cogview.layer_norm(x, w, w, 1e-5, False)
+    with pytest.raises(ValueError, match="`stats` must have shape"):
+        torch.ops.cogview.layer_norm_backward(x, x, w, stats[:2])
+    with pytest.raises(ValueError, match="`grad_out` must have shape"):
+        torch.ops.cogview.layer_norm_backward(x[:, :4], x, w, stats)
+    with pytest.raises(ValueError, match="`stats` must have shape"):
+        torch.ops.cogview.add_layer_norm_backward(x, x, x, x, w, w, stats)  # 2 columns, next needs 4
+
+
+def test_hidden_one_gives_exactly_zero_input_gradient():
+    x = torch.randn(5, 1, requires_grad=True)
+    ops.layer_norm(x, torch.full((1,), 1.7), torch.zeros(1), pb_relax=True).backward(torch.randn(5, 1))
+    assert torch.equal(x.grad, torch.zeros_like(x))

@@ -129,14 +129,16 @@ def _add_layer_norm_fake(residual, branch, w_out, b_out, w_next, b_next, eps=1e-
 
 @torch.library.register_fake("cogview::add_layer_norm_backward")
 def _add_layer_norm_backward_fake(grad_new_residual, grad_normed, branch, new_residual, w_out, w_next, stats):
-    empty = branch.new_empty((0,))
+    def next_grad():  # a fresh tensor each: no two outputs may alias
+        return w_next.new_empty(w_next.shape) if w_next is not None else branch.new_empty((0,))
+
     return (
         new_residual.new_empty(new_residual.shape),
         branch.new_empty(branch.shape),
         w_out.new_empty(w_out.shape),
         w_out.new_empty(w_out.shape),
-        w_next.new_empty(w_next.shape) if w_next is not None else empty,
-        w_next.new_empty(w_next.shape) if w_next is not None else empty,
+        next_grad(),
+        next_grad(),
     )
 
 

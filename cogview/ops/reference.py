@@ -162,7 +162,8 @@ def sample_tokens(logits, *, temperature=1.0, top_k=0, top_p=1.0, vocab_range=No
     """The definition of cogview.ops.sample_tokens, with a stable sort and cumulative sums.
 
     Per row, over the ids [lo, hi):
-      x = logits as float32, NaN -> -inf. Canonical order: larger x first, then lower id.
+      x = logits as float32, NaN -> -inf. Canonical order: larger x first, then lower id
+      (-0 and +0 are equal).
       temperature 0: the first id in canonical order (argmax, lowest id on ties).
       s = x / temperature in float32 (clamped to +-float32 max unless x is -inf), m = max s,
       w = exp(s - m) in float64 for the first top_k ids in canonical order (0 or >= the range
@@ -178,7 +179,7 @@ def sample_tokens(logits, *, temperature=1.0, top_k=0, top_p=1.0, vocab_range=No
     lo, hi = (0, vocab) if vocab_range is None else (int(vocab_range[0]), int(vocab_range[1]))
     n, device = hi - lo, logits.device
     x = logits[:, lo:hi].float()
-    x = torch.where(torch.isnan(x), float("-inf"), x)
+    x = torch.where(torch.isnan(x), float("-inf"), x) + 0.0  # NaN -> -inf; -0 -> +0 (equal keys on every device)
     temperature = _per_row(temperature, rows, torch.float32, device)
     top_k = _per_row(top_k, rows, torch.int64, device)
     top_p = _per_row(top_p, rows, torch.float64, device)

@@ -6,7 +6,8 @@ Definition (the CPU kernel, the CUDA kernel and `reference.sample_tokens` all co
 For each row r of `logits` [rows, V], over the allowed ids [lo, hi) (`vocab_range`, default all):
 
 1. x = the logits as float32 (fp16/bf16/fp64 converted), NaN counted as -inf. The *canonical
-   order* of ids is: larger x first, ties by lower id. It decides which ids top-k and top-p keep.
+   order* of ids is: larger x first, ties by lower id (-0 and +0 are equal). It decides which ids
+   top-k and top-p keep.
 2. temperature T (rounded to float32; 0 = greedy): with T == 0 the token is the first id in
    canonical order (the argmax, lowest id on ties); top_k/top_p are ignored.
    Otherwise s = x / T in float32, clamped to +-float32 max unless x is -inf (so a +inf logit

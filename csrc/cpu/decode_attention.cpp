@@ -12,8 +12,12 @@
 namespace cogview::cpu {
 namespace {
 
-// Keys per split. Fixed (not derived from the thread count), so results do not depend on it.
+// Keys per split. Fixed (not derived from the thread count), so results do not depend on it:
+// both schedules below compute the same chunk partials and merge them in the same order.
 constexpr int64_t kChunk = 512;
+// With at least this many (b, h) pairs per thread, pairs are the unit of work (one parallel
+// region; a second region costs a barrier, which on a busy machine can cost a time slice).
+constexpr int64_t kPairsPerThread = 4;
 
 at::Tensor unit_last(const at::Tensor& t) { return t.stride(3) == 1 || t.size(3) == 1 ? t : t.contiguous(); }
 
@@ -32,18 +36,20 @@ at::Tensor decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
   if (out.numel() == 0) return out;
   const at::Tensor q = unit_last(q_in), k = unit_last(k_in), v = unit_last(v_in);
 
-  // Tasks (b, h, chunk); partial slots only for the sequences that are split.
-  std::vector<int64_t> tasks, pairs, chunk_base(batch, 0);
+  // Tasks (b, h, chunk), pair-major; partial slots only for the sequences that are split.
+  std::vector<int64_t> tasks, all_pairs, pair_first_task, chunk_base(batch, 0);
   int64_t slots = 0;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t chunks = (len[b] + kChunk - 1) / kChunk;
     chunk_base[b] = slots;
     if (chunks > 1) slots += heads * chunks;
     for (int64_t h = 0; h < heads; ++h) {
+      pair_first_task.push_back(static_cast<int64_t>(tasks.size() / 3));
       for (int64_t c = 0; c < chunks; ++c) tasks.insert(tasks.end(), {b, h, c});
-      if (chunks > 1) pairs.insert(pairs.end(), {b, h});
+      all_pairs.insert(all_pairs.end(), {b, h});
     }
   }
+  pair_first_task.push_back(static_cast<int64_t>(tasks.size() / 3));
   const bool f64 = q.scalar_type() == at::kDouble;
   at::Tensor partials = at::empty({slots * n * (dim + 2)}, q.options().dtype(f64 ? at::kDouble : at::kFloat));
 
@@ -77,13 +83,32 @@ at::Tensor decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
   a.partials = partials.data_ptr();
   a.f64 = f64;
   const int64_t task_count = static_cast<int64_t>(tasks.size() / 3);
+  const int64_t pair_count = batch * heads;
+  if (pair_count >= kPairsPerThread * at::get_num_threads()) {
+    // Enough (b, h) pairs to share out: one parallel region, each pair's chunks and merge in turn.
+    at::parallel_for(0, pair_count, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t first = pair_first_task[p], last = pair_first_task[p + 1];
+        COGVIEW_CPU_DISPATCH(decode_attention_chunks, a, tasks.data(), first, last);
+        if (last - first > 1) COGVIEW_CPU_DISPATCH(decode_attention_merge, a, all_pairs.data(), p, p + 1);
+      }
+    });
+    return out;
+  }
+  // Few pairs (small batch, long caches): spread the chunks, then merge the split pairs.
   at::parallel_for(0, task_count, 1, [&](int64_t begin, int64_t end) {
     COGVIEW_CPU_DISPATCH(decode_attention_chunks, a, tasks.data(), begin, end);
   });
-  const int64_t pair_count = static_cast<int64_t>(pairs.size() / 2);
-  if (pair_count > 0) {
-    at::parallel_for(0, pair_count, 8, [&](int64_t begin, int64_t end) {
-      COGVIEW_CPU_DISPATCH(decode_attention_merge, a, pairs.data(), begin, end);
+  std::vector<int64_t> merge_pairs;
+  for (int64_t p = 0; p < pair_count; ++p) {
+    if (pair_first_task[p + 1] - pair_first_task[p] > 1) {
+      merge_pairs.insert(merge_pairs.end(), {all_pairs[2 * p], all_pairs[2 * p + 1]});
+    }
+  }
+  const int64_t merge_count = static_cast<int64_t>(merge_pairs.size() / 2);
+  if (merge_count > 0) {
+    at::parallel_for(0, merge_count, 8, [&](int64_t begin, int64_t end) {
+      COGVIEW_CPU_DISPATCH(decode_attention_merge, a, merge_pairs.data(), begin, end);
     });
   }
   return out;

@@ -98,6 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(const at:
                                                                        const at::Tensor& x,
                                                                        const at::Tensor& weight,
                                                                        const at::Tensor& stats) {
+  ops::check_layer_norm_backward(grad_out, x, weight, stats);
   const int64_t hidden = x.size(-1);
   const at::ScalarType acc = ops::accumulator_type(x);
   at::Tensor x_rows = as_rows(x, hidden), g_rows = as_rows(grad_out, hidden);
@@ -117,7 +118,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(const at:
   a.stats = stats_c.data_ptr();
   a.grad_branch = grad_x.data_ptr();
   at::Tensor sums = backward(a, acc, x.options());
-  return {grad_x, sums[0].to(weight.scalar_type()), sums[1].to(weight.scalar_type())};
+  // copy=true: the two gradients must not alias each other (views of one `sums`).
+  return {grad_x, sums[0].to(weight.scalar_type(), false, true), sums[1].to(weight.scalar_type(), false, true)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_cpu(
@@ -134,6 +136,7 @@ add_layer_norm_backward_cpu(const std::optional<at::Tensor>& grad_new_residual,
                             const std::optional<at::Tensor>& grad_normed, const at::Tensor& branch,
                             const at::Tensor& new_residual, const at::Tensor& w_out,
                             const std::optional<at::Tensor>& w_next, const at::Tensor& stats) {
+  ops::check_add_layer_norm_backward(grad_new_residual, grad_normed, branch, new_residual, w_out, w_next, stats);
   const int64_t hidden = branch.size(-1);
   const at::ScalarType acc = ops::accumulator_type(branch);
   const bool has_next = w_next.has_value();
@@ -172,13 +175,14 @@ add_layer_norm_backward_cpu(const std::optional<at::Tensor>& grad_new_residual,
   a.grad_residual = grad_residual.data_ptr();
   a.grad_residual_type = a.out_type;
   at::Tensor sums = backward(a, acc, branch.options());
-  at::Tensor empty = branch.new_empty({0});
+  // copy=true and distinct empties: no two outputs may alias.
+  const auto grad_of = [&](int64_t i, at::ScalarType type) { return sums[i].to(type, false, true); };
   return {grad_residual,
           grad_branch,
-          sums[0].to(w_out.scalar_type()),
-          sums[1].to(w_out.scalar_type()),
-          has_next ? sums[2].to(w_next->scalar_type()) : empty,
-          has_next ? sums[3].to(w_next->scalar_type()) : empty};
+          grad_of(0, w_out.scalar_type()),
+          grad_of(1, w_out.scalar_type()),
+          has_next ? grad_of(2, w_next->scalar_type()) : branch.new_empty({0}),
+          has_next ? grad_of(3, w_next->scalar_type()) : branch.new_empty({0})};
 }
 
 }  // namespace

@@ -124,6 +124,7 @@ void layer_norm_row_backward(acc_t* __restrict dx, acc_t* __restrict x, const ac
     const acc_t xhat = (x[i] - s.mean) * s.rstd;
     const acc_t g = dy[i] * w[i];
     x[i] = xhat;
+    dx[i] = g;  // kept, not recomputed: g - mean(g) must cancel exactly where it should (hidden 1)
     sum_g += g;
     sum_gx += g * xhat;
     dw[i] += dy[i] * xhat;
@@ -132,7 +133,7 @@ void layer_norm_row_backward(acc_t* __restrict dx, acc_t* __restrict x, const ac
   const acc_t mean_g = sum_g / static_cast<acc_t>(n);
   const acc_t mean_gx = sum_gx / static_cast<acc_t>(n);
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dx[i] = s.rstd * (dy[i] * w[i] - mean_g - x[i] * mean_gx);
+  for (int64_t i = 0; i < n; ++i) dx[i] = s.rstd * ((dx[i] - mean_g) - x[i] * mean_gx);
 }
 
 template <typename acc_t>

@@ -4,7 +4,8 @@
 // Per row, the allowed logits [lo, hi) are read once into an L1/L2-resident float buffer
 // (NaN -> -inf, -0 -> +0). Logits are compared through order keys: int32 values ordered like the
 // floats, so "how many are >= t" and "how much weight is >= t" are branch-free vector loops, and
-// thresholds are found by bisection on the key (32 such loops over a few hundred values).
+// thresholds are found by bisection on the key (~31 such loops, over a few hundred candidates with
+// top-k; over the whole range for top-p without top-k, the slowest configuration).
 // - top_k < range: a bounded selection without sorting the range. Split the ids into g = 2k
 //   interleaved groups (id mod g) and take each group's maximum (elementwise max over slices).
 //   The k-th largest group maximum b is a lower bound of the k-th largest logit (k groups each
