@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from cogview.checkpoint import CheckpointNotFoundError
 from cogview.cli import main as cli_main
 from cogview.generation import image_seed, pil_to_tensor, sample_image_codes
+from cogview.generation.evaluate import evaluate_captions
 from cogview.generation.sampler import lean_cpu_step
 from cogview.models import CogViewConfig, presets
 from cogview.pipeline import CogView
@@ -86,8 +87,8 @@ def score_direct(model: CogView, codes: torch.Tensor, text: str) -> float:
     ids = ([tok["[BASE]"], tok["[BOI1]"]] + codes.flatten().tolist() + [tok["[EOI1]"], tok["[ROI1]"]]
            + tok.encode_text(text))
     text_start = SIDE * SIDE + 4
-    with torch.no_grad():
-        logits = model.transformer(torch.tensor([ids]))[0].double()
+    with torch.no_grad():  # the last token is only a target (a full caption fills one more than the positions)
+        logits = model.transformer(torch.tensor([ids[:-1]]))[0].double()
     logits[:, :IMAGE_TOKENS] = float("-inf")
     logp = torch.log_softmax(logits, dim=-1)
     return float(sum(logp[i - 1, ids[i]] for i in range(text_start, len(ids))))
@@ -225,6 +226,14 @@ def test_score_equals_direct_computation(model):
     want = [score_direct(model, c, t) for c, t in zip(codes, texts)]
     assert got.dtype == torch.float32 and got.shape == (3,)
     torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-4)
+    long = " ".join(["a big red circle on the left"] * 10)  # truncated to the budget: fills every position
+    with pytest.warns(TextTruncatedWarning):
+        got_long = float(model.score(codes[0], long))
+    budget = CONFIG.transformer.max_positions - SIDE * SIDE - 3
+    truncated = model.tokenizer.decode_text(model.tokenizer.encode_text(long)[:budget])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TextTruncatedWarning)
+        assert got_long == pytest.approx(score_direct(model, codes[0], truncated), rel=1e-5, abs=1e-4)
     one = model.score(codes, "a red circle")  # one text for every image
     torch.testing.assert_close(one[0], got[0])
     assert torch.equal(model.score(codes[1], texts[1]), model.score(codes[1:2], texts[1:2]))
@@ -270,6 +279,9 @@ def test_caption_greedy_matches_full_forwards(model):
     assert len(captions) == 3 and all(isinstance(c, str) and c for c in captions)
     for c, text in zip(codes, captions):
         assert text == model.tokenizer.decode_text(greedy_caption_direct(model, c, 6, end=False))
+    full = model.caption(codes[:1])  # default length: the whole text budget, up to the last position
+    budget = CONFIG.transformer.max_positions - SIDE * SIDE - 3
+    assert full[0] == model.tokenizer.decode_text(greedy_caption_direct(model, codes[0], budget, end=False))
     sampled = model.caption(codes, max_tokens=6, temperature=1.0, top_k=20, seed=2)
     assert sampled == model.caption(codes, max_tokens=6, temperature=1.0, top_k=20, seed=2, batch_size=1)
 
@@ -385,7 +397,7 @@ def test_cli_generate_writes_images_grid_and_results(model_dir, tmp_path, model,
     assert len(scores) == 4 and scores[0] >= scores[1] and scores[2] >= scores[3]
 
 
-def test_cli_caption_and_evaluate(model_dir, tmp_path, capsys):
+def test_cli_caption_and_evaluate(model_dir, tmp_path, capsys, model):
     from PIL import Image
 
     data = tmp_path / "data"
@@ -409,6 +421,14 @@ def test_cli_caption_and_evaluate(model_dir, tmp_path, capsys):
     # the loss is the per-token mean of the caption scores
     assert report["mean_score"] * report["captions"] == pytest.approx(-report["caption_loss"] * report["text_tokens"],
                                                                       rel=1e-4)
+    from cogview.data import load_image
+
+    pairs = [(data / "img0.png", "a red circle"), (data / "img1.png", "a blue square"),
+             (data / "img1.png", "a square, blue"), (data / "sub" / "img2.png", "一个红色的圆形")]
+    direct = [float(model.score(load_image(path, CONFIG.image_size), text)) for path, text in pairs]
+    assert report["mean_score"] == pytest.approx(sum(direct) / 4, rel=1e-4)
+    shapes = evaluate_captions(model, {"name": "shapes", "num_samples": 3}, progress=False)
+    assert shapes["images"] == 3 and shapes["caption_loss"] > 0
 
 
 def test_cli_errors(tmp_path, capsys, monkeypatch):

@@ -158,11 +158,12 @@ def _evaluate(args) -> int:
 
 
 def add_evaluate_parser(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="caption loss over an image-caption folder",
+    p = subparsers.add_parser("evaluate", help="caption loss over an image-caption dataset",
                               description="Caption loss (mean NLL per caption token, image ids masked; lower is "
-                                          "better), perplexity and mean caption score over a folder of images with "
-                                          "same-name .txt captions.")
-    p.add_argument("data", help="image-caption folder")
+                                          "better), perplexity and mean caption score over an image-caption dataset: "
+                                          "a folder of images with same-name .txt captions, a .jsonl/.tsv manifest, "
+                                          "'shapes' or a JSON spec of it, or a token file.")
+    p.add_argument("data", help="image-caption folder, manifest, token file, 'shapes' or a JSON dataset spec")
     p.add_argument("--limit", type=int, default=None, help="first N images only")
     p.add_argument("--json", default=None, help="also write the report here")
     _add_model_options(p)

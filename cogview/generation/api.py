@@ -353,7 +353,8 @@ def caption_log_probs(model, codes: torch.Tensor, texts, *, batch_size: int | No
         out = []
         for i in range(0, n, size):
             batch = tok.collate(layouts[i: i + size]).to(model.device)
-            hidden = transformer.hidden_states(batch.tokens, batch.position_ids)
+            # the last token is only a target (the layout may be one longer than the position table)
+            hidden = transformer.hidden_states(batch.tokens[:, :-1], batch.position_ids[:, :-1])
             # position j predicts token j + 1: the text targets are text_mask[:, 1:]
             rows, cols = batch.text_mask[:, 1:].nonzero(as_tuple=True)
             logp = F.log_softmax(F.linear(hidden[rows, cols], head).float(), dim=-1)
@@ -383,7 +384,7 @@ def caption(model, images, *, max_tokens: int | None = None, temperature: float 
     transformer = model.transformer
     config = model.config.transformer
     n, n_codes = codes.shape[0], model.config.image_seq_len
-    budget = config.max_positions - n_codes - 4
+    budget = config.max_positions - n_codes - 3  # new tokens (the last one drawn is never fed back)
     if budget < 1:
         raise ValueError(f"{what}: the model's {config.max_positions} positions leave no room for text after "
                          f"{n_codes} codes")

@@ -1,91 +1,88 @@
-"""Caption-loss evaluation over an image-caption folder.
+"""Caption-loss evaluation over an image-caption dataset.
 
-    report = evaluate_captions(model, "data/val/")
+    report = evaluate_captions(model, "data/val/")          # or a .jsonl/.tsv manifest, "shapes", a token file
 
-The folder holds images (png, jpg/jpeg, webp, bmp; searched recursively) each with a same-name `.txt`
-caption file (several lines = several captions of that image, each scored). This is a minimal reader
-of its own (resize the shorter side + centre crop to the model's size, EXIF orientation applied); the
-training data reader (cogview.data, issue 10) reads the same layout with manifests as well, and can
-replace it once it is on main.
+The data is read by `cogview.data.build_dataset` at the model's image size: a folder of images with
+same-name `.txt` captions (several lines = several captions, each scored), a JSONL/TSV manifest, the
+built-in "shapes" scenes (or a JSON spec such as '{"name": "shapes", "num_samples": 500, "split":
+"holdout"}'), or a pre-tokenized token file (its codes are used as they are). Unreadable images are
+skipped and counted.
 
-Reported: `caption_loss`, the mean negative log-likelihood per caption token in nats (CogView's
-caption loss with the image ids masked out of the softmax; lower is better), its `perplexity`, and the
-mean caption `score` (summed log-probability per caption, what self-reranking ranks by). Classifier-
-or reference-set metrics (e.g. FID) are not computed here.
+Reported: `caption_loss`, the mean negative log-likelihood per caption token in nats (CogView's caption
+loss with the image ids masked out of the softmax; lower is better), its `perplexity`, and the mean
+caption `score` (summed log-probability per caption, what self-reranking ranks by). Classifier- or
+reference-set metrics (e.g. FID) are not computed here.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
-import warnings
-from pathlib import Path
 
 import torch
 
 from cogview.generation.api import caption_log_probs
-from cogview.generation.images import IMAGE_EXTENSIONS, codes_from_images, load_image_file
+from cogview.generation.images import codes_from_images
 
-__all__ = ["evaluate_captions", "read_caption_folder"]
-
-
-def read_caption_folder(path: str | os.PathLike) -> tuple[list[tuple[Path, list[str]]], int]:
-    """[(image path, captions)] sorted by path, and the number of images without a caption file."""
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image-caption folder not found: {root}")
-    items, missing = [], 0
-    for file in sorted(root.rglob("*")):
-        if not file.is_file() or file.suffix.lower() not in IMAGE_EXTENSIONS:
-            continue
-        text_file = file.with_suffix(".txt")
-        if not text_file.is_file():
-            missing += 1
-            continue
-        captions = [" ".join(line.split()) for line in text_file.read_text(encoding="utf-8", errors="replace")
-                    .splitlines() if line.strip()]
-        if captions:
-            items.append((file, captions))
-        else:
-            missing += 1
-    return items, missing
+__all__ = ["evaluate_captions"]
 
 
-def evaluate_captions(model, data: str | os.PathLike, *, batch_size: int | None = None, limit: int | None = None,
+def _dataset(model, data):
+    from cogview.data import build_dataset
+
+    if isinstance(data, torch.utils.data.Dataset):
+        return data
+    spec = data
+    if isinstance(data, str) and data.lstrip().startswith("{"):
+        try:
+            spec = json.loads(data)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"evaluate: the data spec is not valid JSON: {error}") from None
+    elif isinstance(data, (str, os.PathLike)) and str(data) != "shapes" and not os.path.exists(data):
+        raise FileNotFoundError(f"evaluate: no such image-caption folder, manifest or token file: {data}")
+    return build_dataset(spec, resolution=model.config.image_size)
+
+
+def evaluate_captions(model, data, *, batch_size: int | None = None, limit: int | None = None,
                       progress: bool = True) -> dict:
-    """Caption loss of `model` over the image-caption folder `data` (see the module docstring)."""
+    """Caption loss of `model` over `data` (a dataset, or a spec for cogview.data.build_dataset; see the
+    module docstring). limit: the first N items only."""
     from tqdm.auto import tqdm
 
-    items, missing = read_caption_folder(data)
-    if limit is not None:
-        items = items[: int(limit)]
-    if not items:
-        raise ValueError(f"{data}: no images with a caption (.txt of the same name) found")
-    size = model.config.image_size
+    dataset = _dataset(model, data)
+    count = len(dataset) if limit is None else min(int(limit), len(dataset))
+    if count < 1:
+        raise ValueError(f"evaluate: {data} holds no items")
     chunk = batch_size or 8
-    total_logp, total_tokens, scores, skipped = 0.0, 0, [], 0
-    with tqdm(total=len(items), disable=not progress, desc="evaluate", unit="img", leave=False) as bar:
-        for i in range(0, len(items), chunk):
-            pixels, texts, owners = [], [], []
-            for path, captions in items[i: i + chunk]:
-                try:
-                    image = load_image_file(path, size, resize=True)
-                except ValueError as error:
-                    warnings.warn(f"skipped: {error}", RuntimeWarning, stacklevel=2)
+    side = model.config.code_size
+    total_logp, total_tokens, scores, skipped, used = 0.0, 0, [], 0, 0
+    with tqdm(total=count, disable=not progress, desc="evaluate", unit="img", leave=False) as bar:
+        for start in range(0, count, chunk):
+            images, texts, owners = [], [], []
+            for index in range(start, min(start + chunk, count)):
+                item = dataset[index]
+                if item is None:  # unreadable image
                     skipped += 1
                     continue
-                pixels.append(image)
-                owners.extend([len(pixels) - 1] * len(captions))
+                captions = [c for c in item["captions"] if c.strip()]
+                if not captions:
+                    continue
+                images.append(item["codes"].view(side, side) if "codes" in item else item["image"])
+                owners.extend([len(images) - 1] * len(captions))
                 texts.extend(captions)
-            bar.update(len(items[i: i + chunk]))
-            if not pixels:
+            bar.update(min(start + chunk, count) - start)
+            if not images:
                 continue
-            codes = codes_from_images(model, torch.stack(pixels), "evaluate")
+            used += len(images)
+            codes = codes_from_images(model, images, "evaluate")
             sums, counts = caption_log_probs(model, codes[owners], texts, batch_size=batch_size, what="evaluate")
             total_logp += float(sums.double().sum())
             total_tokens += int(counts.sum())
             scores.extend(sums.tolist())
+    if not scores:
+        raise ValueError(f"evaluate: no readable captioned images in {data}")
     loss = -total_logp / max(total_tokens, 1)
-    return {"data": str(data), "images": len(items) - skipped, "captions": len(scores),
-            "skipped_unreadable": skipped, "without_caption": missing, "text_tokens": total_tokens,
+    return {"data": str(data), "images": used, "captions": len(scores), "skipped_unreadable": skipped,
+            "without_caption": int(getattr(dataset, "missing_captions", 0)), "text_tokens": total_tokens,
             "caption_loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
-            "mean_score": sum(scores) / max(len(scores), 1)}
+            "mean_score": sum(scores) / len(scores)}

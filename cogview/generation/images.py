@@ -16,16 +16,12 @@ import numpy as np
 import torch
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "codes_from_images",
     "image_grid",
     "load_image_file",
     "pil_to_tensor",
     "tensor_to_pil",
 ]
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
 
 def tensor_to_pil(image: torch.Tensor):
     """float [3, H, W] in [0, 1] -> RGB PIL image (rounded to 8 bits)."""
@@ -39,18 +35,6 @@ def pil_to_tensor(image) -> torch.Tensor:
     """PIL image (any mode) -> float32 [3, H, W] in [0, 1]."""
     array = np.asarray(image.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
-
-
-def _resize_center_crop(image, size: int):
-    from PIL import Image
-
-    width, height = image.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return image.crop((left, top, left + size, top + size))
 
 
 def load_image_file(path: str | os.PathLike, size: int, *, resize: bool = True) -> torch.Tensor:
@@ -67,7 +51,9 @@ def load_image_file(path: str | os.PathLike, size: int, *, resize: bool = True) 
     except (OSError, SyntaxError) as error:  # PIL.UnidentifiedImageError is an OSError
         raise ValueError(f"{path}: not a readable image ({error})") from None
     if resize:
-        image = _resize_center_crop(image, size)
+        from cogview.data import resize_center_crop
+
+        image = resize_center_crop(image, size)
     elif image.size != (size, size):
         raise ValueError(f"{path}: the image is {image.size[0]}x{image.size[1]}, the model takes {size}x{size}")
     return pil_to_tensor(image)
