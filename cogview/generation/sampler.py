@@ -153,6 +153,13 @@ class _ImageLoop:
         self.codes = torch.zeros((self.batch, num_new), dtype=torch.long, device=device)
         self.invalid = torch.zeros((self.batch,), dtype=torch.bool, device=device)
         self.lean = lean_cpu_step(transformer, self.cache) if lean else None
+        # sampling settings as given to the wrapper: numbers, or (CUDA without a sampling kernel) one-element
+        # device tensors, so the reference path copies nothing from the host inside a CUDA graph capture
+        self.settings = dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        if device.type == "cuda" and not ops.has_kernel("sample_tokens", "cuda"):
+            self.settings = dict(temperature=torch.tensor([self.temperature], dtype=torch.float32, device=device),
+                                 top_k=torch.tensor([self.top_k], dtype=torch.long, device=device),
+                                 top_p=torch.tensor([self.top_p], dtype=torch.float64, device=device))
 
     # ---- pieces ----
     def _draw(self, hidden: torch.Tensor, direct: bool = False) -> None:
@@ -169,9 +176,8 @@ class _ImageLoop:
                             self.top_k, self.top_p, 0, logits.shape[1], self.invalid[b: b + 1])
                      for b in range(self.batch)]
         else:
-            drawn = [ops.sample_tokens(logits[b: b + 1], temperature=self.temperature, top_k=self.top_k,
-                                       top_p=self.top_p, seed=self.seeds[b], offset=self.offset,
-                                       invalid=self.invalid[b: b + 1]) for b in range(self.batch)]
+            drawn = [ops.sample_tokens(logits[b: b + 1], seed=self.seeds[b], offset=self.offset,
+                                       invalid=self.invalid[b: b + 1], **self.settings) for b in range(self.batch)]
         new = torch.cat(drawn)
         self.codes.index_copy_(1, self.index, new[:, None])
         self.tokens.copy_((torch.cat([new, new]) if self.guided else new)[:, None])
@@ -246,6 +252,9 @@ def sample_image_codes(transformer, prompts: Sequence[Sequence[int]], seeds: Seq
         raise ValueError("sample_image_codes: `uncond_prompts` must match `prompts`")
     if num_new < 1:
         raise ValueError(f"sample_image_codes: `num_new` must be >= 1, got {num_new}")
+    if not (0.0 <= float(temperature) < float("inf")) or int(top_k) < 0 or not 0.0 <= float(top_p) <= 1.0:
+        raise ValueError(f"sample_image_codes: need temperature >= 0 (finite), top_k >= 0 and top_p in [0, 1], got "
+                         f"{temperature!r}, {top_k!r}, {top_p!r}")
     loop = _ImageLoop(transformer, prompts, seeds, num_new=num_new, first_index=first_index,
                       image_tokens=image_tokens, pad_id=pad_id, temperature=temperature, top_k=top_k, top_p=top_p,
                       uncond_prompts=uncond_prompts, guidance_scale=guidance_scale, lean=lean)
