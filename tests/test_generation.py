@@ -8,7 +8,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cogview.checkpoint import CheckpointNotFoundError
 from cogview.cli import main as cli_main
