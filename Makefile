@@ -65,7 +65,8 @@ cuda-check:
 	  build_ext --build-temp build/cuda-temp --build-lib build/cuda-lib
 	rm -rf build/cuda-stage && mkdir -p build/cuda-stage && cp -r cogview build/cuda-stage/
 	rm -f build/cuda-stage/cogview/_C*.so && cp build/cuda-lib/cogview/_C*.so build/cuda-stage/cogview/
-	cd build/cuda-stage && $(abspath $(CUDA_VENV))/bin/python $(abspath build_tools/cuda_check.py)
+	cd build/cuda-stage && PYTHONPATH=$(abspath build/cuda-stage) $(abspath $(CUDA_VENV))/bin/python \
+	  $(abspath build_tools/cuda_check.py)
 
 # Build a wheel, install it (not editable) in a fresh environment, and use it from outside the tree.
 wheel-check: install

@@ -2,7 +2,9 @@
 that csrc/cuda/*.cu registers for CUDA must really have a CUDA kernel in the built cogview._C.
 
     COGVIEW_FORCE_CUDA=1 python setup.py build_ext --inplace
-    python build_tools/cuda_check.py
+    PYTHONPATH=. python build_tools/cuda_check.py      # the built cogview must be importable
+
+(`make cuda-check` builds out of tree and runs this against a staged copy of the package.)
 
 The expected ops are read from the sources: each `<var>.impl("name", ...)` inside a
 `TORCH_LIBRARY_IMPL(cogview, CUDA, <var>) { ... }` block. Exit status 0 when all are
@@ -48,7 +50,6 @@ def cuda_ops_in_sources(cuda_dir: Path = CUDA_DIR) -> dict[str, list[str]]:
 
 
 def main() -> int:
-    sys.path.insert(0, str(ROOT))
     import torch
 
     import cogview  # loads cogview._C; must work without a GPU
