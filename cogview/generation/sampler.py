@@ -29,11 +29,9 @@ without a CUDA kernel), the loop warns once and runs eagerly.
 
 On CPU, where nothing removes per-call Python costs, a standard model (every layer a CogViewLayer with
 the default attention) runs its decode steps through `lean_cpu_step`: the same kernels in the same
-order as `decode_step`, so the same numbers, but called directly (`torch.ops.cogview.*`) with the
-weights bound once and no per-call argument checks. What those checks guard is fixed by construction
-here: shapes, dtypes and devices are set up once and the positions never leave the cache
-(`start + 1 <= max_len` for every step the loop runs). The wrappers' host-side position checks alone
-cost about as much as the kernels at the sizes of a small model.
+order as `decode_step`, so the same numbers, with the weights bound once and no module calls. It calls
+the `cogview.ops` wrappers, whose kernel path validates only devices in Python (the C++ kernels check
+shapes, dtypes and every cache position before touching memory).
 """
 from __future__ import annotations
 
@@ -58,7 +56,7 @@ _LEAN_OPS = ("layer_norm", "add_layer_norm", "kv_cache_write", "decode_attention
 
 
 def lean_cpu_step(transformer, cache):
-    """A CPU decode step for ONE new token per row with the kernels called directly: a function
+    """A CPU decode step for ONE new token per row, the layers unrolled: a function
     (tokens [R, 1], positions [R, 1], start [R]) -> final hidden states [R, H], identical to
     `transformer.decode_step(..., return_hidden=True)[:, 0]`; None when the model is not the standard
     one on the CPU kernels (then use decode_step). The caller guarantees start + 1 <= cache.max_len."""
@@ -75,7 +73,6 @@ def lean_cpu_step(transformer, cache):
         return None
     if any(t.dtype != weight.dtype for t in transformer.parameters()) or cache.dtype != weight.dtype:
         return None
-    cogview_ops = torch.ops.cogview
     config = transformer.config
     heads, head_dim, hidden_size = config.num_heads, config.head_dim, config.hidden_size
     first = layers[0].input_layernorm
@@ -95,19 +92,17 @@ def lean_cpu_step(transformer, cache):
     def step(tokens: torch.Tensor, positions: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         rows = tokens.shape[0]
         residual = F.embedding(tokens, words) + F.embedding(positions, places)
-        normed = cogview_ops.layer_norm(residual, first.weight, first.bias, eps, pb)[0]
+        normed = ops.layer_norm(residual, first.weight, first.bias, eps, pb)
         lengths = start + 1
         for (w_qkv, b_qkv, w_dense, b_dense, scale, k_cache, v_cache, w3, b3, w_post, b_post, w_up, b_up, w_down,
              b_down, w4, b4, w_next, b_next, layer_eps, layer_pb) in bound:
             q, k, v = F.linear(normed, w_qkv, b_qkv).view(rows, 1, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            cogview_ops.kv_cache_write(k_cache, v_cache, k, v, start)
-            out = cogview_ops.decode_attention(q, k_cache, v_cache, lengths, scale, 0, 0.0)
+            ops.kv_cache_write(k_cache, v_cache, k, v, start)
+            out = ops.decode_attention(q, k_cache, v_cache, lengths, scale=scale)
             branch = F.linear(out.transpose(1, 2).reshape(rows, 1, hidden_size), w_dense, b_dense)
-            residual, normed, _ = cogview_ops.add_layer_norm(residual, branch, w3, b3, w_post, b_post, layer_eps,
-                                                             layer_pb)
+            residual, normed = ops.add_layer_norm(residual, branch, w3, b3, w_post, b_post, layer_eps, layer_pb)
             branch = F.linear(F.gelu(F.linear(normed, w_up, b_up), approximate="tanh"), w_down, b_down)
-            residual, normed, _ = cogview_ops.add_layer_norm(residual, branch, w4, b4, w_next, b_next, layer_eps,
-                                                             layer_pb)
+            residual, normed = ops.add_layer_norm(residual, branch, w4, b4, w_next, b_next, layer_eps, layer_pb)
         return normed[:, 0]
 
     return step
@@ -162,22 +157,15 @@ class _ImageLoop:
                                  top_p=torch.tensor([self.top_p], dtype=torch.float64, device=device))
 
     # ---- pieces ----
-    def _draw(self, hidden: torch.Tensor, direct: bool = False) -> None:
+    def _draw(self, hidden: torch.Tensor) -> None:
         """hidden [rows, H] (the last position of every row) -> draw one code per image, record it,
-        make it the next input, advance offset/index. direct: call the sampling kernel without the
-        wrapper's checks (its arguments were checked by the first, wrapped, draw)."""
+        make it the next input, advance offset/index."""
         logits = F.linear(hidden, self.head).float()
         if self.guided:
             cond, uncond = logits[: self.batch], logits[self.batch:]
             logits = uncond + self.scale * (cond - uncond)
-        if direct:
-            sample = torch.ops.cogview.sample_tokens
-            drawn = [sample(logits[b: b + 1], self.seeds[b], self.offset, None, None, None, self.temperature,
-                            self.top_k, self.top_p, 0, logits.shape[1], self.invalid[b: b + 1])
-                     for b in range(self.batch)]
-        else:
-            drawn = [ops.sample_tokens(logits[b: b + 1], seed=self.seeds[b], offset=self.offset,
-                                       invalid=self.invalid[b: b + 1], **self.settings) for b in range(self.batch)]
+        drawn = [ops.sample_tokens(logits[b: b + 1], seed=self.seeds[b], offset=self.offset,
+                                   invalid=self.invalid[b: b + 1], **self.settings) for b in range(self.batch)]
         new = torch.cat(drawn)
         self.codes.index_copy_(1, self.index, new[:, None])
         self.tokens.copy_((torch.cat([new, new]) if self.guided else new)[:, None])
@@ -199,7 +187,7 @@ class _ImageLoop:
                                                   return_hidden=True)[:, 0]
         self.start.add_(1)
         self.positions.add_(1)
-        self._draw(hidden, direct=self.lean is not None)
+        self._draw(hidden)
 
     # ---- CUDA graph ----
     def _state(self) -> list[torch.Tensor]:

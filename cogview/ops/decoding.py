@@ -13,7 +13,6 @@ import math
 import torch
 
 from cogview.ops import _checks, reference
-from cogview.ops._registry import has_kernel
 
 __all__ = ["kv_cache_write", "decode_attention"]
 
@@ -47,6 +46,9 @@ def kv_cache_write(k_cache, v_cache, k_new, v_new, start) -> None:
     start[b] .. start[b] + n - 1. Caches [B, heads, max_len, d]; k_new/v_new [B, heads, n, d]
     (cast to the cache dtype); start [B] int64. Out-of-range positions raise ValueError."""
     op = "kv_cache_write"
+    if _checks.kernel_path(op, "k_cache", k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new, start=start):
+        torch.ops.cogview.kv_cache_write(k_cache, v_cache, k_new, v_new, start)  # checks every position first
+        return
     _check_cache_pair(op, k_cache, v_cache)
     _checks.floating(op, "k_new", k_new)
     _checks.floating(op, "v_new", v_new)
@@ -66,9 +68,6 @@ def kv_cache_write(k_cache, v_cache, k_new, v_new, start) -> None:
         if lo < 0 or hi + n > max_len:
             raise ValueError(f"cogview.ops.{op}: writing {n} positions from `start` in [{lo}, {hi}] overruns "
                              f"the cache (max_len {max_len})")
-    if has_kernel(op, k_cache.device.type):
-        torch.ops.cogview.kv_cache_write(k_cache, v_cache, k_new, v_new, start)
-        return
     reference.kv_cache_write(k_cache, v_cache, k_new, v_new, start)
 
 
@@ -81,6 +80,10 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, text_len=0, te
     positions < text_len. Returns [B, heads, n, d] in q's dtype.
     """
     op = "decode_attention"
+    if _checks.kernel_path(op, "q", q, k_cache=k_cache, v_cache=v_cache, lengths=lengths):
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        return torch.ops.cogview.decode_attention(q, k_cache, v_cache, lengths, scale, int(text_len),
+                                                  float(text_bias))
     _checks.floating(op, "q", q)
     _check_cache_pair(op, k_cache, v_cache)
     batch, heads, max_len, dim = k_cache.shape
@@ -100,9 +103,6 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, text_len=0, te
         raise ValueError(f"cogview.ops.{op}: `scale` must be finite, got {scale}")
     if not math.isfinite(float(text_bias)):
         raise ValueError(f"cogview.ops.{op}: `text_bias` must be finite, got {text_bias}")
-    if has_kernel(op, q.device.type):
-        return torch.ops.cogview.decode_attention(q, k_cache, v_cache, lengths, scale, int(text_len),
-                                                  float(text_bias))
     return reference.decode_attention(q, k_cache, v_cache, lengths, scale, int(text_len), float(text_bias))
 
 
