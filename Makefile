@@ -39,7 +39,7 @@ test: install
 	exit $$rc
 
 bench: install
-	for script in bench/layer_norm.py; do $(PY) $$script || exit 1; done
+	for script in bench/[a-z]*.py; do $(PY) $$script || exit 1; done
 
 # The same _C through CMake (C++ tooling, sanitizer builds), so CMakeLists.txt cannot rot.
 cmake-check: install

@@ -94,6 +94,8 @@ def main():
     def extra(parser):
         parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
         parser.add_argument("--dtypes", default="float32,bfloat16")
+        parser.add_argument("--rows", default=",".join(map(str, FULL_ROWS)))
+        parser.add_argument("--hidden", default=",".join(map(str, FULL_HIDDEN)))
 
     args = _harness.parse_args(__doc__.splitlines()[0], extra)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -103,7 +105,8 @@ def main():
     if args.smoke:
         cases = [(64, 256, torch.float32, mode) for mode in ("fwd", "fwd+bwd")]
     else:
-        cases = [(r, h, d, m) for d in dtypes for m in ("fwd", "fwd+bwd") for r in FULL_ROWS for h in FULL_HIDDEN]
+        sizes = [(int(r), int(h)) for r in args.rows.split(",") for h in args.hidden.split(",")]
+        cases = [(r, h, d, m) for d in dtypes for m in ("fwd", "fwd+bwd") for r, h in sizes]
     rows = []
     for rows_n, hidden, dtype, mode in cases:
         # Compile once per shape in full runs; in smoke runs only the forward (keeps CI short).
