@@ -22,6 +22,16 @@ TORCH_LIBRARY(cogview, m) {
         " Tensor new_residual, Tensor w_out, Tensor? w_next, Tensor stats)"
         " -> (Tensor grad_residual, Tensor grad_branch, Tensor grad_w_out, Tensor grad_b_out,"
         " Tensor grad_w_next, Tensor grad_b_next)");
+  // Local (2D neighbourhood) attention with optional joint text keys (CogView2). `lse` is the
+  // natural log of the softmax denominator per query (float32; float64 for float64 inputs).
+  m.def("local_attention(Tensor q, Tensor k, Tensor v, int[2] grid_q, int[2] grid_kv, int[2] window,"
+        " bool causal=False, Tensor? text_k=None, Tensor? text_v=None, float text_bias=0.0,"
+        " float scale=1.0) -> (Tensor out, Tensor lse)");
+  // dtext_k / dtext_v are empty (0 elements) when no text keys were given.
+  m.def("local_attention_backward(Tensor? grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v,"
+        " Tensor out, Tensor lse, int[2] grid_q, int[2] grid_kv, int[2] window, bool causal,"
+        " Tensor? text_k, Tensor? text_v, float text_bias, float scale)"
+        " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dtext_k, Tensor dtext_v)");
 }
 
 namespace {

@@ -6,10 +6,12 @@ input's device, and otherwise computes through its plain-PyTorch twin in
 """
 from cogview.ops._registry import KERNELS, cpu_isa, has_kernel, use_cpu_isa, usable_cpu_isas
 from cogview.ops.layer_norm import add_layer_norm, layer_norm
+from cogview.ops.local_attention import local_attention
 
 __all__ = [
     "layer_norm",
     "add_layer_norm",
+    "local_attention",
     "KERNELS",
     "has_kernel",
     "cpu_isa",

@@ -1,0 +1,333 @@
+// CPU implementation of cogview::local_attention and cogview::local_attention_backward.
+//
+// This layer checks, packs keys/values once per call into the layouts the micro-kernels read
+// (csrc/cpu/kernels/local_attention.cpp), allocates, and schedules:
+//   forward:  at::parallel_for over (batch, head, query tile);
+//   backward: bands of query rows; bands two apart touch disjoint key rows, so even bands run
+//             in parallel, then odd bands (and, when k/v are batch-broadcast, batches one after
+//             another). Every key gradient is summed in a fixed order, whatever the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu/isa.h"
+#include "cpu/tensor_utils.h"
+#include "ops/local_attention_checks.h"
+
+namespace cogview::cpu {
+namespace {
+
+at::ScalarType acc_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+int64_t batch_stride(const at::Tensor& t) { return t.size(0) == 1 ? 0 : t.stride(0); }
+
+LocalAttentionShape make_shape(const ops::LocalAttentionDims& d, bool causal, at::ScalarType acc) {
+  LocalAttentionShape s;
+  s.q_h = d.q_h;
+  s.q_w = d.q_w;
+  s.k_h = d.k_h;
+  s.k_w = d.k_w;
+  s.win_h = d.win_h;
+  s.win_w = d.win_w;
+  s.head_dim = d.head_dim;
+  s.text = d.text;
+  s.causal = causal;
+  s.f64 = acc == at::kDouble;
+  return s;
+}
+
+// Accumulator-type rows of x readable `dp` elements at a time, with their strides.
+struct Rows {
+  at::Tensor t;
+  int64_t sb = 0, sh = 0, sn = 0;
+};
+
+// Packs x [batch, heads, rows * cols, d] into the transposed layout (when `transposed`) and
+// row-major dp-padded rows (when `rowmajor`), in one pass over x.
+void pack(const at::Tensor& x, int64_t rows, int64_t cols, const LocalAttentionPlan& plan, int64_t pad,
+          int64_t row_width, at::Tensor* transposed, Rows* rowmajor, at::ScalarType acc) {
+  const int64_t batch = x.size(0), heads = x.size(1), d = x.size(3);
+  LocalAttentionPackArgs a;
+  a.batch = batch;
+  a.heads = heads;
+  a.rows = rows;
+  a.cols = cols;
+  a.head_dim = d;
+  a.src = x.data_ptr();
+  a.src_type = elem_type(x, "k");
+  a.sb = x.stride(0);
+  a.sh = x.stride(1);
+  a.sn = x.stride(2);
+  a.pad = pad;
+  a.row_width = row_width;
+  a.dp = plan.dp;
+  a.f64 = acc == at::kDouble;
+  if (transposed != nullptr) {
+    *transposed = at::empty({batch, heads, rows, d, row_width}, x.options().dtype(acc));
+    a.transposed = transposed->data_ptr();
+  }
+  if (rowmajor != nullptr) {
+    rowmajor->t = at::empty({batch, heads, rows * cols, plan.dp}, x.options().dtype(acc));
+    rowmajor->sb = batch == 1 ? 0 : heads * rows * cols * plan.dp;
+    rowmajor->sh = rows * cols * plan.dp;
+    rowmajor->sn = plan.dp;
+    a.rowmajor = rowmajor->t.data_ptr();
+  }
+  const int64_t items = batch * heads * rows;
+  if (items == 0 || (a.transposed == nullptr && a.rowmajor == nullptr)) return;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    COGVIEW_CPU_DISPATCH(local_attention_pack, a, begin, end);
+  });
+}
+
+// Whether x can be read in place as rows of dp accumulator elements.
+bool rows_in_place(const at::Tensor& x, const LocalAttentionPlan& plan, at::ScalarType acc) {
+  return x.scalar_type() == acc && x.size(3) == plan.dp && x.stride(3) == 1;
+}
+
+Rows in_place_rows(const at::Tensor& x) { return {x, batch_stride(x), x.stride(1), x.stride(2)}; }
+
+int64_t transposed_batch_stride(const at::Tensor& t) { return t.size(0) == 1 ? 0 : t.stride(0); }
+
+std::tuple<at::Tensor, at::Tensor> local_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                       const at::Tensor& v_in, at::IntArrayRef grid_q,
+                                                       at::IntArrayRef grid_kv, at::IntArrayRef window,
+                                                       bool causal,
+                                                       const std::optional<at::Tensor>& text_k_in,
+                                                       const std::optional<at::Tensor>& text_v_in,
+                                                       double text_bias, double scale) {
+  const ops::LocalAttentionDims d =
+      ops::check_local_attention(q_in, k_in, v_in, grid_q, grid_kv, window, causal, text_k_in, text_v_in,
+                                 text_bias, scale);
+  const at::ScalarType acc = acc_type(q_in);
+  const LocalAttentionShape shape = make_shape(d, causal, acc);
+  const LocalAttentionPlan plan = COGVIEW_CPU_DISPATCH(local_attention_plan, shape);
+  const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+
+  at::Tensor kt;
+  pack(k, d.k_h, d.k_w, plan, plan.pad, plan.row_width, &kt, nullptr, acc);
+  Rows vr;
+  if (rows_in_place(v, plan, acc)) {
+    vr = in_place_rows(v);
+  } else {
+    pack(v, d.k_h, d.k_w, plan, 0, 0, nullptr, &vr, acc);
+  }
+  at::Tensor tkt;
+  Rows tvr;
+  if (d.text > 0) {
+    pack(unit_last_stride(*text_k_in), 1, d.text, plan, 0, plan.tpad, &tkt, nullptr, acc);
+    pack(unit_last_stride(*text_v_in), 1, d.text, plan, 0, 0, nullptr, &tvr, acc);
+  }
+
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({d.batch, d.heads, d.n_q}, q.options().dtype(acc));
+
+  LocalAttentionForwardArgs a;
+  a.shape = shape;
+  a.plan = plan;
+  a.batch = d.batch;
+  a.heads = d.heads;
+  a.q = q.data_ptr();
+  a.q_type = elem_type(q, "q");
+  a.q_sb = q.stride(0);
+  a.q_sh = q.stride(1);
+  a.q_sn = q.stride(2);
+  a.kt = kt.data_ptr();
+  a.kt_sb = transposed_batch_stride(kt);
+  a.kt_sh = kt.stride(1);
+  a.v = vr.t.data_ptr();
+  a.v_sb = vr.sb;
+  a.v_sh = vr.sh;
+  a.v_sn = vr.sn;
+  if (d.text > 0) {
+    a.text_kt = tkt.data_ptr();
+    a.tk_sb = transposed_batch_stride(tkt);
+    a.tk_sh = tkt.stride(1);
+    a.text_v = tvr.t.data_ptr();
+    a.tv_sb = tvr.sb;
+    a.tv_sh = tvr.sh;
+  }
+  a.scale = scale;
+  a.text_bias = text_bias;
+  a.out = out.data_ptr();
+  a.lse = lse.data_ptr();
+  const int64_t tasks = COGVIEW_CPU_DISPATCH(local_attention_forward_tasks, a);
+  if (tasks > 0) {
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      COGVIEW_CPU_DISPATCH(local_attention_forward, a, begin, end);
+    });
+  }
+  return {out, lse};
+}
+
+// Accumulator [batch, heads, n, dp] -> [batch, heads, n, d] in `dtype`.
+at::Tensor finish_grad(const at::Tensor& acc_grad, int64_t d, at::ScalarType dtype) {
+  at::Tensor g = acc_grad.size(3) == d ? acc_grad : acc_grad.narrow(3, 0, d);
+  return g.to(dtype).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_backward_cpu(
+    const std::optional<at::Tensor>& grad_out_in, const std::optional<at::Tensor>& grad_lse_in,
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in,
+    const at::Tensor& lse_in, at::IntArrayRef grid_q, at::IntArrayRef grid_kv, at::IntArrayRef window,
+    bool causal, const std::optional<at::Tensor>& text_k_in, const std::optional<at::Tensor>& text_v_in,
+    double text_bias, double scale) {
+  const ops::LocalAttentionDims d =
+      ops::check_local_attention(q_in, k_in, v_in, grid_q, grid_kv, window, causal, text_k_in, text_v_in,
+                                 text_bias, scale);
+  ops::check_local_attention_backward(d, q_in, grad_out_in, grad_lse_in, out_in, lse_in);
+  const at::ScalarType acc = acc_type(q_in);
+  const LocalAttentionShape shape = make_shape(d, causal, acc);
+  const LocalAttentionPlan plan = COGVIEW_CPU_DISPATCH(local_attention_plan, shape);
+  const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  const at::Tensor out = unit_last_stride(out_in);
+  const at::Tensor lse = lse_in.to(acc).contiguous();
+  const at::Tensor grad_out = grad_out_in.has_value() ? unit_last_stride(*grad_out_in) : at::Tensor();
+  const at::Tensor grad_lse = grad_lse_in.has_value() ? grad_lse_in->to(acc).contiguous() : at::Tensor();
+
+  at::Tensor kt, vt, tkt, tvt;
+  Rows kr, tkr;
+  if (rows_in_place(k, plan, acc)) {
+    kr = in_place_rows(k);
+    pack(k, d.k_h, d.k_w, plan, plan.pad, plan.row_width, &kt, nullptr, acc);
+  } else {
+    pack(k, d.k_h, d.k_w, plan, plan.pad, plan.row_width, &kt, &kr, acc);
+  }
+  pack(v, d.k_h, d.k_w, plan, plan.pad, plan.row_width, &vt, nullptr, acc);
+  if (d.text > 0) {
+    pack(unit_last_stride(*text_k_in), 1, d.text, plan, 0, plan.tpad, &tkt, &tkr, acc);
+    pack(unit_last_stride(*text_v_in), 1, d.text, plan, 0, plan.tpad, &tvt, nullptr, acc);
+  }
+
+  const int64_t bands = (d.q_h + plan.band_h - 1) / plan.band_h;
+  at::Tensor grad_q = at::empty(q.sizes(), q.options());
+  at::Tensor gk = at::zeros({d.k_batch, d.heads, d.n_k, plan.dp}, q.options().dtype(acc));
+  at::Tensor gv = at::zeros({d.k_batch, d.heads, d.n_k, plan.dp}, q.options().dtype(acc));
+  at::Tensor gtk, gtv;
+  if (d.text > 0) {
+    gtk = at::zeros({d.batch, d.heads, bands, d.text, plan.dp}, q.options().dtype(acc));
+    gtv = at::zeros({d.batch, d.heads, bands, d.text, plan.dp}, q.options().dtype(acc));
+  }
+
+  LocalAttentionBackwardArgs a;
+  a.shape = shape;
+  a.plan = plan;
+  a.batch = d.batch;
+  a.heads = d.heads;
+  a.q = q.data_ptr();
+  a.q_type = elem_type(q, "q");
+  a.q_sb = q.stride(0);
+  a.q_sh = q.stride(1);
+  a.q_sn = q.stride(2);
+  a.out = out.data_ptr();
+  a.out_type = elem_type(out, "out");
+  a.o_sb = out.stride(0);
+  a.o_sh = out.stride(1);
+  a.o_sn = out.stride(2);
+  if (grad_out.defined()) {
+    a.grad_out = grad_out.data_ptr();
+    a.grad_out_type = elem_type(grad_out, "grad_out");
+    a.go_sb = grad_out.stride(0);
+    a.go_sh = grad_out.stride(1);
+    a.go_sn = grad_out.stride(2);
+  }
+  a.lse = lse.data_ptr();
+  a.grad_lse = grad_lse.defined() ? grad_lse.data_ptr() : nullptr;
+  a.kt = kt.data_ptr();
+  a.vt = vt.data_ptr();
+  a.kt_sb = transposed_batch_stride(kt);
+  a.kt_sh = kt.stride(1);
+  a.k = kr.t.data_ptr();
+  a.k_sb = kr.sb;
+  a.k_sh = kr.sh;
+  a.k_sn = kr.sn;
+  if (d.text > 0) {
+    a.text_kt = tkt.data_ptr();
+    a.text_vt = tvt.data_ptr();
+    a.tt_sb = transposed_batch_stride(tkt);
+    a.tt_sh = tkt.stride(1);
+    a.text_k = tkr.t.data_ptr();
+    a.tk_sb = tkr.sb;
+    a.tk_sh = tkr.sh;
+    a.grad_text_k = gtk.data_ptr();
+    a.grad_text_v = gtv.data_ptr();
+  }
+  a.scale = scale;
+  a.text_bias = text_bias;
+  a.grad_q = grad_q.data_ptr();
+  a.grad_k = gk.data_ptr();
+  a.grad_v = gv.data_ptr();
+  a.gk_sb = d.k_batch == 1 ? 0 : gk.stride(0);
+  a.gk_sh = gk.stride(1);
+  a.bands = bands;
+
+  // Phases: even bands, then odd bands; with broadcast k/v also one batch at a time, since all
+  // batches then accumulate into the same key gradients.
+  const bool serial_batches = d.k_batch == 1 && d.batch > 1;
+  const int64_t phase_batches = serial_batches ? d.batch : 1;
+  for (int64_t pb = 0; pb < phase_batches; ++pb) {
+    for (int64_t color = 0; color < 2; ++color) {
+      const int64_t per_head = (bands - color + 1) / 2;
+      const int64_t batches = serial_batches ? 1 : d.batch;
+      const int64_t items = batches * d.heads * per_head;
+      if (items <= 0) continue;
+      at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t band = color + 2 * (i % per_head);
+          const int64_t h = (i / per_head) % d.heads;
+          const int64_t b = serial_batches ? pb : i / (per_head * d.heads);
+          COGVIEW_CPU_DISPATCH(local_attention_backward, a, b, h, band);
+        }
+      });
+    }
+  }
+
+  at::Tensor grad_k = finish_grad(gk, d.head_dim, k.scalar_type());
+  at::Tensor grad_v = finish_grad(gv, d.head_dim, v.scalar_type());
+  at::Tensor grad_text_k = q.new_empty({0}), grad_text_v = q.new_empty({0});
+  if (text_k_in.has_value()) {
+    const int64_t tb = d.text_batch, n = d.text * plan.dp;
+    at::Tensor rk = at::zeros({tb, d.heads, d.text, plan.dp}, q.options().dtype(acc));
+    at::Tensor rv = at::zeros({tb, d.heads, d.text, plan.dp}, q.options().dtype(acc));
+    if (n > 0) {
+      // Fixed order: batch, then band (the text gradient of a broadcast text sums over batch).
+      AT_DISPATCH_FLOATING_TYPES(acc, "local_attention_text_grad", [&] {
+        const scalar_t* pk = gtk.data_ptr<scalar_t>();
+        const scalar_t* pv = gtv.data_ptr<scalar_t>();
+        scalar_t* ok = rk.data_ptr<scalar_t>();
+        scalar_t* ov = rv.data_ptr<scalar_t>();
+        at::parallel_for(0, tb * d.heads, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t th = begin; th < end; ++th) {
+            const int64_t t_b = th / d.heads, h = th % d.heads;
+            scalar_t* dk = ok + th * n;
+            scalar_t* dv = ov + th * n;
+            for (int64_t b = 0; b < d.batch; ++b) {
+              if (tb != 1 && b != t_b) continue;
+              for (int64_t band = 0; band < bands; ++band) {
+                const int64_t off = ((b * d.heads + h) * bands + band) * n;
+                for (int64_t i = 0; i < n; ++i) {
+                  dk[i] += pk[off + i];
+                  dv[i] += pv[off + i];
+                }
+              }
+            }
+          }
+        });
+      });
+    }
+    grad_text_k = finish_grad(rk, d.head_dim, text_k_in->scalar_type());
+    grad_text_v = finish_grad(rv, d.head_dim, text_v_in->scalar_type());
+  }
+  return {grad_q, grad_k, grad_v, grad_text_k, grad_text_v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cogview, CPU, m) {
+  m.impl("local_attention", &local_attention_cpu);
+  m.impl("local_attention_backward", &local_attention_backward_cpu);
+}
+
+}  // namespace cogview::cpu
