@@ -17,11 +17,25 @@
 namespace cogview::cpu {
 namespace {
 
-at::ScalarType acc_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 int64_t batch_stride(const at::Tensor& t) { return t.size(0) == 1 ? 0 : t.stride(0); }
+
+// Elements per packing task (small packs, like the text keys, run inline).
+constexpr int64_t kPackGrainElems = 16384;
+
+// Whole heads per task when there are at least this many per thread: one parallel region,
+// each head's packed keys built in per-task scratch and used while still in cache.
+constexpr int64_t kHeadsPerThread = 2;
+
+bool whole_heads(int64_t units) { return units >= kHeadsPerThread * at::get_num_threads(); }
+
+LocalAttentionSource source(const at::Tensor& t) {
+  return {t.data_ptr(), elem_type(t, "input"), batch_stride(t), t.stride(1), t.stride(2)};
+}
+
+at::ScalarType acc_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
 
 LocalAttentionShape make_shape(const ops::LocalAttentionDims& d, bool causal, at::ScalarType acc) {
   LocalAttentionShape s;
@@ -77,7 +91,8 @@ void pack(const at::Tensor& x, int64_t rows, int64_t cols, const LocalAttentionP
   }
   const int64_t items = batch * heads * rows;
   if (items == 0 || (a.transposed == nullptr && a.rowmajor == nullptr)) return;
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, kPackGrainElems / std::max<int64_t>(1, cols * d));
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     COGVIEW_CPU_DISPATCH(local_attention_pack, a, begin, end);
   });
 }
@@ -106,20 +121,20 @@ std::tuple<at::Tensor, at::Tensor> local_attention_cpu(const at::Tensor& q_in, c
   const LocalAttentionPlan plan = COGVIEW_CPU_DISPATCH(local_attention_plan, shape);
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
 
-  at::Tensor kt;
-  pack(k, d.k_h, d.k_w, plan, plan.pad, plan.row_width, &kt, nullptr, acc);
-  Rows vr;
-  if (rows_in_place(v, plan, acc)) {
-    vr = in_place_rows(v);
-  } else {
-    pack(v, d.k_h, d.k_w, plan, 0, 0, nullptr, &vr, acc);
+  const bool per_head = whole_heads(d.batch * d.heads);
+  at::Tensor kt, tkt;
+  Rows vr, tvr;
+  if (rows_in_place(v, plan, acc)) vr = in_place_rows(v);
+  if (!per_head) {
+    pack(k, d.k_h, d.k_w, plan, plan.pad, plan.row_width, &kt, nullptr, acc);
+    if (!vr.t.defined()) pack(v, d.k_h, d.k_w, plan, 0, 0, nullptr, &vr, acc);
+    if (d.text > 0) {
+      pack(unit_last_stride(*text_k_in), 1, d.text, plan, 0, plan.tpad, &tkt, nullptr, acc);
+      pack(unit_last_stride(*text_v_in), 1, d.text, plan, 0, 0, nullptr, &tvr, acc);
+    }
   }
-  at::Tensor tkt;
-  Rows tvr;
-  if (d.text > 0) {
-    pack(unit_last_stride(*text_k_in), 1, d.text, plan, 0, plan.tpad, &tkt, nullptr, acc);
-    pack(unit_last_stride(*text_v_in), 1, d.text, plan, 0, 0, nullptr, &tvr, acc);
-  }
+  const at::Tensor text_k = d.text > 0 ? unit_last_stride(*text_k_in) : at::Tensor();
+  const at::Tensor text_v = d.text > 0 ? unit_last_stride(*text_v_in) : at::Tensor();
 
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({d.batch, d.heads, d.n_q}, q.options().dtype(acc));
@@ -134,20 +149,33 @@ std::tuple<at::Tensor, at::Tensor> local_attention_cpu(const at::Tensor& q_in, c
   a.q_sb = q.stride(0);
   a.q_sh = q.stride(1);
   a.q_sn = q.stride(2);
-  a.kt = kt.data_ptr();
-  a.kt_sb = transposed_batch_stride(kt);
-  a.kt_sh = kt.stride(1);
-  a.v = vr.t.data_ptr();
-  a.v_sb = vr.sb;
-  a.v_sh = vr.sh;
-  a.v_sn = vr.sn;
+  a.per_head = per_head;
+  a.k_src = source(k);
+  a.v_src = source(v);
+  if (kt.defined()) {
+    a.kt = kt.data_ptr();
+    a.kt_sb = transposed_batch_stride(kt);
+    a.kt_sh = kt.stride(1);
+  }
+  if (vr.t.defined()) {
+    a.v = vr.t.data_ptr();
+    a.v_sb = vr.sb;
+    a.v_sh = vr.sh;
+    a.v_sn = vr.sn;
+  }
   if (d.text > 0) {
-    a.text_kt = tkt.data_ptr();
-    a.tk_sb = transposed_batch_stride(tkt);
-    a.tk_sh = tkt.stride(1);
-    a.text_v = tvr.t.data_ptr();
-    a.tv_sb = tvr.sb;
-    a.tv_sh = tvr.sh;
+    a.text_k_src = source(text_k);
+    a.text_v_src = source(text_v);
+    if (tkt.defined()) {
+      a.text_kt = tkt.data_ptr();
+      a.tk_sb = transposed_batch_stride(tkt);
+      a.tk_sh = tkt.stride(1);
+    }
+    if (tvr.t.defined()) {
+      a.text_v = tvr.t.data_ptr();
+      a.tv_sb = tvr.sb;
+      a.tv_sh = tvr.sh;
+    }
   }
   a.scale = scale;
   a.text_bias = text_bias;
@@ -187,18 +215,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_att
   const at::Tensor grad_out = grad_out_in.has_value() ? unit_last_stride(*grad_out_in) : at::Tensor();
   const at::Tensor grad_lse = grad_lse_in.has_value() ? grad_lse_in->to(acc).contiguous() : at::Tensor();
 
+  const bool kv_broadcast = d.k_batch == 1 && d.batch > 1;
+  const int64_t head_units = kv_broadcast ? d.heads : d.batch * d.heads;
+  const bool per_head = whole_heads(head_units);
   at::Tensor kt, vt, tkt, tvt;
   Rows kr, tkr;
-  if (rows_in_place(k, plan, acc)) {
-    kr = in_place_rows(k);
-    pack(k, d.k_h, d.k_w, plan, plan.pad, plan.row_width, &kt, nullptr, acc);
-  } else {
-    pack(k, d.k_h, d.k_w, plan, plan.pad, plan.row_width, &kt, &kr, acc);
-  }
-  pack(v, d.k_h, d.k_w, plan, plan.pad, plan.row_width, &vt, nullptr, acc);
-  if (d.text > 0) {
-    pack(unit_last_stride(*text_k_in), 1, d.text, plan, 0, plan.tpad, &tkt, &tkr, acc);
-    pack(unit_last_stride(*text_v_in), 1, d.text, plan, 0, plan.tpad, &tvt, nullptr, acc);
+  if (rows_in_place(k, plan, acc)) kr = in_place_rows(k);
+  const at::Tensor text_k = d.text > 0 ? unit_last_stride(*text_k_in) : at::Tensor();
+  const at::Tensor text_v = d.text > 0 ? unit_last_stride(*text_v_in) : at::Tensor();
+  if (!per_head) {
+    pack(k, d.k_h, d.k_w, plan, plan.pad, plan.row_width, &kt, kr.t.defined() ? nullptr : &kr, acc);
+    pack(v, d.k_h, d.k_w, plan, plan.pad, plan.row_width, &vt, nullptr, acc);
+    if (d.text > 0) {
+      pack(text_k, 1, d.text, plan, 0, plan.tpad, &tkt, &tkr, acc);
+      pack(text_v, 1, d.text, plan, 0, plan.tpad, &tvt, nullptr, acc);
+    }
   }
 
   const int64_t bands = (d.q_h + plan.band_h - 1) / plan.band_h;
@@ -235,25 +266,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_att
   }
   a.lse = lse.data_ptr();
   a.grad_lse = grad_lse.defined() ? grad_lse.data_ptr() : nullptr;
-  a.kt = kt.data_ptr();
-  a.vt = vt.data_ptr();
-  a.kt_sb = transposed_batch_stride(kt);
-  a.kt_sh = kt.stride(1);
-  a.k = kr.t.data_ptr();
-  a.k_sb = kr.sb;
-  a.k_sh = kr.sh;
-  a.k_sn = kr.sn;
+  a.k_src = source(k);
+  a.v_src = source(v);
+  if (kt.defined()) {
+    a.kt = kt.data_ptr();
+    a.vt = vt.data_ptr();
+    a.kt_sb = transposed_batch_stride(kt);
+    a.kt_sh = kt.stride(1);
+  }
+  if (kr.t.defined()) {
+    a.k = kr.t.data_ptr();
+    a.k_sb = kr.sb;
+    a.k_sh = kr.sh;
+    a.k_sn = kr.sn;
+  }
   if (d.text > 0) {
-    a.text_kt = tkt.data_ptr();
-    a.text_vt = tvt.data_ptr();
-    a.tt_sb = transposed_batch_stride(tkt);
-    a.tt_sh = tkt.stride(1);
-    a.text_k = tkr.t.data_ptr();
-    a.tk_sb = tkr.sb;
-    a.tk_sh = tkr.sh;
+    a.text_k_src = source(text_k);
+    a.text_v_src = source(text_v);
+    if (tkt.defined()) {
+      a.text_kt = tkt.data_ptr();
+      a.text_vt = tvt.data_ptr();
+      a.tt_sb = transposed_batch_stride(tkt);
+      a.tt_sh = tkt.stride(1);
+      a.text_k = tkr.t.data_ptr();
+      a.tk_sb = tkr.sb;
+      a.tk_sh = tkr.sh;
+    }
     a.grad_text_k = gtk.data_ptr();
     a.grad_text_v = gtv.data_ptr();
   }
+  a.kv_broadcast = kv_broadcast;
   a.scale = scale;
   a.text_bias = text_bias;
   a.grad_q = grad_q.data_ptr();
@@ -263,10 +305,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_att
   a.gk_sh = gk.stride(1);
   a.bands = bands;
 
-  // Phases: even bands, then odd bands; with broadcast k/v also one batch at a time, since all
-  // batches then accumulate into the same key gradients.
-  const bool serial_batches = d.k_batch == 1 && d.batch > 1;
-  const int64_t phase_batches = serial_batches ? d.batch : 1;
+  if (per_head) {
+    at::parallel_for(0, head_units, 1, [&](int64_t begin, int64_t end) {
+      COGVIEW_CPU_DISPATCH(local_attention_backward_heads, a, begin, end);
+    });
+  }
+  // Otherwise phases: even bands, then odd bands; with broadcast k/v also one batch at a time,
+  // since all batches then accumulate into the same key gradients.
+  const bool serial_batches = kv_broadcast;
+  const int64_t phase_batches = per_head ? 0 : serial_batches ? d.batch : 1;
   for (int64_t pb = 0; pb < phase_batches; ++pb) {
     for (int64_t color = 0; color < 2; ++color) {
       const int64_t per_head = (bands - color + 1) / 2;

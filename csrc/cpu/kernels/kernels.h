@@ -103,7 +103,17 @@ struct LocalAttentionPackArgs {
   bool f64 = false;
 };
 
+// An input as given: element type and element strides (unit stride on head_dim; sb = 0
+// broadcasts a batch-1 tensor).
+struct LocalAttentionSource {
+  const void* data = nullptr;
+  ElemType type = ElemType::f32;
+  int64_t sb = 0, sh = 0, sn = 0;
+};
+
 // Strides below are in elements; a zero batch stride broadcasts a batch-1 tensor.
+// Packed inputs (kt, v, text_kt, text_v; in the backward also vt, k, text_vt, text_k) may be
+// null: with `per_head`, each task then packs its own head from the sources into scratch.
 struct LocalAttentionForwardArgs {
   LocalAttentionShape shape;
   LocalAttentionPlan plan;
@@ -119,6 +129,9 @@ struct LocalAttentionForwardArgs {
   int64_t tk_sb = 0, tk_sh = 0;
   const void* text_v = nullptr;  // row-major pack of text_v [.., T, dp]
   int64_t tv_sb = 0, tv_sh = 0;
+  LocalAttentionSource k_src, v_src, text_k_src, text_v_src;
+  // Tasks: per_head -> one (batch, head) each, packing what is null; else one query tile each.
+  bool per_head = false;
   double scale = 1.0, text_bias = 0.0;
   void* out = nullptr;  // contiguous [batch, heads, q_h * q_w, head_dim], q_type
   void* lse = nullptr;  // contiguous accumulator [batch, heads, q_h * q_w]
@@ -149,11 +162,13 @@ struct LocalAttentionBackwardArgs {
   int64_t tt_sb = 0, tt_sh = 0;
   const void* text_k = nullptr;
   int64_t tk_sb = 0, tk_sh = 0;
+  LocalAttentionSource k_src, v_src, text_k_src, text_v_src;
   double scale = 1.0, text_bias = 0.0;
   void* grad_q = nullptr;   // contiguous [batch, heads, n_q, head_dim], q_type
   void* grad_k = nullptr;   // accumulator [k_batch, heads, n_k, dp], zeroed, accumulated into
   void* grad_v = nullptr;
   int64_t gk_sb = 0, gk_sh = 0;  // shared by grad_k and grad_v
+  bool kv_broadcast = false;  // k/v have batch 1 while q has more: grad_k/grad_v sum over batch
   void* grad_text_k = nullptr;  // accumulator partials [batch, heads, bands, T, dp], zeroed
   void* grad_text_v = nullptr;
   int64_t bands = 0;
@@ -169,6 +184,10 @@ struct LocalAttentionBackwardArgs {
   void local_attention_forward(const LocalAttentionForwardArgs& args, int64_t begin, int64_t end); \
   void local_attention_backward(const LocalAttentionBackwardArgs& args, int64_t b, int64_t h, \
                                 int64_t band);                                              \
+  /* Backward of whole heads: task i is head i % heads of batch i / heads, or, when k/v are */ \
+  /* batch-broadcast, head i of every batch; null packed inputs are packed per head.        */ \
+  void local_attention_backward_heads(const LocalAttentionBackwardArgs& args, int64_t begin, \
+                                      int64_t end);                                         \
   /* Forward over rows [begin, end). */                                                     \
   void layer_norm_forward(const LayerNormForwardArgs& args, int64_t begin, int64_t end);   \
   /* Backward over rows [begin, end), accumulating weight grads into partial `chunk`. */    \

@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -34,6 +35,30 @@
 
 namespace cogview::cpu::COGVIEW_ISA {
 namespace {
+
+// ---- exp ----------------------------------------------------------------------------------------
+// exp for the softmax, written so `#pragma omp simd` loops vectorize it (no libm call): Cody-Waite
+// reduction x = n ln2 + r, |r| <= ln2/2, and a degree-7 Taylor polynomial (relative error
+// below 1e-8, under one float ulp). Inputs below -87 give about 1e-38 instead of a denormal;
+// masked entries never reach it (they are selected to 0 separately).
+inline float exp_acc(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = x - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187045e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  return p * std::bit_cast<float>(bits);
+}
+inline double exp_acc(double x) { return std::exp(x); }
 
 // ---- vector registers -------------------------------------------------------------------------
 // Vec<T>::R is one register of L accumulator elements; the micro-kernels use only these five
@@ -71,10 +96,49 @@ struct PortableVec {
     for (int i = 0; i < N; ++i) a.v[i] *= b.v[i];
     return a;
   }
+  static R add(R a, R b) {
+    for (int i = 0; i < N; ++i) a.v[i] += b.v[i];
+    return a;
+  }
+  static R sub(R a, R b) {
+    for (int i = 0; i < N; ++i) a.v[i] -= b.v[i];
+    return a;
+  }
+  static R max(R a, R b) {
+    for (int i = 0; i < N; ++i) a.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i];
+    return a;
+  }
+  static T hmax(R a) {
+    T m = a.v[0];
+    for (int i = 1; i < N; ++i) m = a.v[i] > m ? a.v[i] : m;
+    return m;
+  }
+  static T hsum(R a) {
+    T m = a.v[0];
+    for (int i = 1; i < N; ++i) m += a.v[i];
+    return m;
+  }
+  // Lanes i with lo <= i < hi keep x, the others get `fill`.
+  static R keep(R x, int64_t lo, int64_t hi, R fill) {
+    for (int i = 0; i < N; ++i) x.v[i] = (i >= lo && i < hi) ? x.v[i] : fill.v[i];
+    return x;
+  }
+  static R exp(R x) {
+    for (int i = 0; i < N; ++i) x.v[i] = exp_acc(x.v[i]);
+    return x;
+  }
 };
 
 template <typename T>
 struct Vec;
+
+// Bit mask of lanes [lo, hi) within a vector of `lanes` lanes (lo, hi may lie outside it).
+inline uint32_t lane_range_mask(int64_t lo, int64_t hi, int lanes) {
+  const int64_t a = std::clamp<int64_t>(lo, 0, lanes), b = std::clamp<int64_t>(hi, 0, lanes);
+  if (b <= a) return 0u;
+  const uint32_t upto_b = b >= 32 ? 0xffffffffu : ((1u << b) - 1u);
+  return upto_b & ~((1u << a) - 1u);
+}
 
 #if defined(__AVX512F__)
 template <>
@@ -87,6 +151,31 @@ struct Vec<float> {
   static R set1(float x) { return _mm512_set1_ps(x); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  static R max(R a, R b) { return _mm512_max_ps(a, b); }
+  static float hmax(R a) { return _mm512_reduce_max_ps(a); }
+  static float hsum(R a) { return _mm512_reduce_add_ps(a); }
+  static R keep(R x, int64_t lo, int64_t hi, R fill) {
+    return _mm512_mask_blend_ps(lane_range_mask(lo, hi, L), fill, x);
+  }
+  // exp_acc's algorithm on 16 lanes; scalef applies 2^n.
+  static R exp(R x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    const R n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    R r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    R p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+  }
 };
 template <>
 struct Vec<double> {
@@ -98,11 +187,34 @@ struct Vec<double> {
   static R set1(double x) { return _mm512_set1_pd(x); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
   static R mul(R a, R b) { return _mm512_mul_pd(a, b); }
+  static R add(R a, R b) { return _mm512_add_pd(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_pd(a, b); }
+  static R max(R a, R b) { return _mm512_max_pd(a, b); }
+  static double hmax(R a) { return _mm512_reduce_max_pd(a); }
+  static double hsum(R a) { return _mm512_reduce_add_pd(a); }
+  static R keep(R x, int64_t lo, int64_t hi, R fill) {
+    return _mm512_mask_blend_pd(static_cast<__mmask8>(lane_range_mask(lo, hi, L)), fill, x);
+  }
+  static R exp(R x) {
+    alignas(64) double t[8];
+    _mm512_store_pd(t, x);
+    for (double& e : t) e = std::exp(e);
+    return _mm512_load_pd(t);
+  }
 };
 // 32 registers: scores 8 queries x 3 key vectors (24 accumulators); value pass and rank
 // updates 4 queries x 4 head_dim vectors (16 accumulators).
 constexpr int kScoreM = 8, kScoreNV = 3, kPvM = 4, kPvNDV = 4;
 #elif defined(__AVX2__)
+// Lanes [lo, hi) of 8 as an all-ones int32 vector mask.
+inline __m256i lane_range_mask256(int64_t lo, int64_t hi, int lanes) {
+  alignas(32) static const int32_t table[24] = {0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1,
+                                                -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  const int64_t a = std::clamp<int64_t>(lo, 0, lanes), b = std::clamp<int64_t>(hi, 0, lanes);
+  const __m256i from_a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table + 8 - a));
+  const __m256i below_b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table + 16 - b));
+  return _mm256_and_si256(from_a, below_b);
+}
 template <>
 struct Vec<float> {
   static constexpr int L = 8;
@@ -113,6 +225,41 @@ struct Vec<float> {
   static R set1(float x) { return _mm256_set1_ps(x); }
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  static R max(R a, R b) { return _mm256_max_ps(a, b); }
+  static float hmax(R a) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+  }
+  static float hsum(R a) {
+    __m128 m = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_add_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+  }
+  static R keep(R x, int64_t lo, int64_t hi, R fill) {
+    return _mm256_blendv_ps(fill, x, _mm256_castsi256_ps(lane_range_mask256(lo, hi, L)));
+  }
+  static R exp(R x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const R n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    R r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+    R p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
 };
 template <>
 struct Vec<double> {
@@ -124,6 +271,32 @@ struct Vec<double> {
   static R set1(double x) { return _mm256_set1_pd(x); }
   static R fma(R a, R b, R c) { return _mm256_fmadd_pd(a, b, c); }
   static R mul(R a, R b) { return _mm256_mul_pd(a, b); }
+  static R add(R a, R b) { return _mm256_add_pd(a, b); }
+  static R sub(R a, R b) { return _mm256_sub_pd(a, b); }
+  static R max(R a, R b) { return _mm256_max_pd(a, b); }
+  static double hmax(R a) {
+    alignas(32) double t[4];
+    _mm256_store_pd(t, a);
+    return std::max(std::max(t[0], t[1]), std::max(t[2], t[3]));
+  }
+  static double hsum(R a) {
+    alignas(32) double t[4];
+    _mm256_store_pd(t, a);
+    return (t[0] + t[1]) + (t[2] + t[3]);
+  }
+  static R keep(R x, int64_t lo, int64_t hi, R fill) {
+    alignas(32) double t[4], f[4];
+    _mm256_store_pd(t, x);
+    _mm256_store_pd(f, fill);
+    for (int i = 0; i < 4; ++i) t[i] = (i >= lo && i < hi) ? t[i] : f[i];
+    return _mm256_load_pd(t);
+  }
+  static R exp(R x) {
+    alignas(32) double t[4];
+    _mm256_store_pd(t, x);
+    for (double& e : t) e = std::exp(e);
+    return _mm256_load_pd(t);
+  }
 };
 // 16 registers: scores 4 x 2 (8 accumulators), value pass / rank updates 4 x 2.
 constexpr int kScoreM = 4, kScoreNV = 2, kPvM = 4, kPvNDV = 2;
@@ -137,30 +310,6 @@ constexpr int kScoreM = 4, kScoreNV = 2, kPvM = 2, kPvNDV = 2;
 
 // Queries per group: the scores of one group live in one small buffer.
 constexpr int64_t kGroup = 8;
-
-// ---- exp ----------------------------------------------------------------------------------------
-// exp for the softmax, written so `#pragma omp simd` loops vectorize it (no libm call): Cody-Waite
-// reduction x = n ln2 + r, |r| <= ln2/2, and a degree-7 Taylor polynomial (relative error
-// below 1e-8, under one float ulp). Inputs below -87 give about 1e-38 instead of a denormal;
-// masked entries never reach it (they are selected to 0 separately).
-inline float exp_acc(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = x - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187045e-06f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  return p * std::bit_cast<float>(bits);
-}
-inline double exp_acc(double x) { return std::exp(x); }
 
 // ---- micro-kernels ------------------------------------------------------------------------------
 
@@ -346,7 +495,14 @@ struct Group {
   int64_t nr;       // key rows
   bool causal_last; // the last key row is the query's own row (causal): columns end at the query
   int64_t lo[kGroup], hi[kGroup], hi_last[kGroup];  // valid strip columns per query
-  int64_t ulo, uhi, uhi_last;                       // their union
+};
+
+// The union of the strip columns that queries [m0, m0 + mm) of a group see: [lo, hi) in every
+// window row but the causal last one, [lo, hi_last) there. The value pass and the rank updates
+// run over it per register block of queries (12 columns for 4 queries and a 9-wide window,
+// where the whole group of 8 spans 16).
+struct BlockCols {
+  int64_t lo, hi, hi_last;
 };
 
 Group make_group(const LocalAttentionShape& s, int64_t c0, int64_t row, int64_t col, int64_t count) {
@@ -363,25 +519,104 @@ Group make_group(const LocalAttentionShape& s, int64_t c0, int64_t row, int64_t 
   if (s.causal) r_hi = std::min<int64_t>(r_hi, row);
   g.nr = r_hi - g.r_lo + 1;
   g.causal_last = s.causal;
-  g.ulo = std::numeric_limits<int64_t>::max();
-  g.uhi = g.uhi_last = 0;
   for (int64_t m = 0; m < count; ++m) {
     const int64_t x = col + m, bw = x / sw;
     g.lo[m] = std::max<int64_t>(bw - rw, 0) - c0;
     g.hi[m] = std::min<int64_t>(bw + rw, s.k_w - 1) + 1 - c0;
     g.hi_last[m] = s.causal ? std::min<int64_t>(g.hi[m], x + 1 - c0) : g.hi[m];
-    g.ulo = std::min(g.ulo, g.lo[m]);
-    g.uhi = std::max(g.uhi, g.hi[m]);
-    g.uhi_last = std::max(g.uhi_last, g.hi_last[m]);
   }
   return g;
+}
+
+BlockCols block_cols(const Group& g, int64_t m0, int64_t mm) {
+  BlockCols c{g.lo[m0], g.hi[m0], g.hi_last[m0]};
+  for (int64_t m = m0 + 1; m < m0 + mm; ++m) {
+    c.lo = std::min(c.lo, g.lo[m]);
+    c.hi = std::max(c.hi, g.hi[m]);
+    c.hi_last = std::max(c.hi_last, g.hi_last[m]);
+  }
+  return c;
 }
 
 int64_t group_hi(const Group& g, int64_t m, int64_t ri) {
   return g.causal_last && ri == g.nr - 1 ? g.hi_last[m] : g.hi[m];
 }
-int64_t group_uhi(const Group& g, int64_t ri) {
-  return g.causal_last && ri == g.nr - 1 ? g.uhi_last : g.uhi;
+int64_t block_hi(const Group& g, const BlockCols& c, int64_t ri) {
+  return g.causal_last && ri == g.nr - 1 ? c.hi_last : c.hi;
+}
+
+// Softmax of one query's scores in place: window key row ri at [ri * strip, (ri + 1) * strip),
+// text at nr * strip (text_bias added). Leaves exp(s - max), exactly 0 outside the window and
+// beyond the text keys; returns log-sum-exp and 1 / sum.
+template <typename T>
+void softmax_row(const Group& g, int64_t m, int64_t strip, int64_t text, int64_t tpad, T bias, T* sm,
+                 T* lse, T* inv) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  const typename V::R ninf = V::set1(-std::numeric_limits<T>::infinity()), zero = V::zero();
+  const int64_t lo = g.lo[m];
+  typename V::R mx = ninf;
+  for (int64_t ri = 0; ri < g.nr; ++ri) {
+    const T* sr = sm + ri * strip;
+    const int64_t hi = group_hi(g, m, ri);
+    for (int64_t j = 0; j < strip; j += L) mx = V::max(mx, V::keep(V::load(sr + j), lo - j, hi - j, ninf));
+  }
+  T* st = sm + g.nr * strip;
+  const typename V::R vb = V::set1(bias);
+  for (int64_t t = 0; t < tpad; t += L) {
+    const typename V::R x = V::add(V::load(st + t), vb);
+    V::store(st + t, x);
+    mx = V::max(mx, V::keep(x, -t, text - t, ninf));
+  }
+  const T mxs = V::hmax(mx);
+  const typename V::R mv = V::set1(mxs);
+  typename V::R sum = zero;
+  for (int64_t ri = 0; ri < g.nr; ++ri) {
+    T* sr = sm + ri * strip;
+    const int64_t hi = group_hi(g, m, ri);
+    for (int64_t j = 0; j < strip; j += L) {
+      const typename V::R e = V::keep(V::exp(V::sub(V::load(sr + j), mv)), lo - j, hi - j, zero);
+      V::store(sr + j, e);
+      sum = V::add(sum, e);
+    }
+  }
+  for (int64_t t = 0; t < tpad; t += L) {
+    const typename V::R e = V::keep(V::exp(V::sub(V::load(st + t), mv)), -t, text - t, zero);
+    V::store(st + t, e);
+    sum = V::add(sum, e);
+  }
+  const T total = V::hsum(sum);
+  *lse = mxs + std::log(total);
+  *inv = T(1) / total;
+}
+
+// Backward of one query: sm holds its scores, dm its dP = dO . v; leaves P = exp(s - lse) in sm
+// and dS = P * (dP - delta) in dm, both exactly 0 outside the window and beyond the text keys.
+template <typename T>
+void grad_scores_row(const Group& g, int64_t m, int64_t strip, int64_t text, int64_t tpad, T bias, T lse,
+                     T delta, T* sm, T* dm) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  const typename V::R zero = V::zero(), lv = V::set1(lse), dv = V::set1(delta);
+  const int64_t lo = g.lo[m];
+  for (int64_t ri = 0; ri < g.nr; ++ri) {
+    T* sr = sm + ri * strip;
+    T* dr = dm + ri * strip;
+    const int64_t hi = group_hi(g, m, ri);
+    for (int64_t j = 0; j < strip; j += L) {
+      const typename V::R pr = V::keep(V::exp(V::sub(V::load(sr + j), lv)), lo - j, hi - j, zero);
+      V::store(sr + j, pr);
+      V::store(dr + j, V::keep(V::mul(pr, V::sub(V::load(dr + j), dv)), lo - j, hi - j, zero));
+    }
+  }
+  T* st = sm + g.nr * strip;
+  T* dt = dm + g.nr * strip;
+  const typename V::R vb = V::set1(bias);
+  for (int64_t t = 0; t < tpad; t += L) {
+    const typename V::R pr = V::keep(V::exp(V::sub(V::add(V::load(st + t), vb), lv)), -t, text - t, zero);
+    V::store(st + t, pr);
+    V::store(dt + t, V::keep(V::mul(pr, V::sub(V::load(dt + t), dv)), -t, text - t, zero));
+  }
 }
 
 // Per-task scratch, sized for one group.
@@ -533,98 +768,131 @@ TaskGrid task_grid(const LocalAttentionShape& s, const LocalAttentionPlan& p) {
   return {(s.q_h + p.tile_h - 1) / p.tile_h, (s.q_w + p.tile_w - 1) / p.tile_w};
 }
 
+// Packs head (b, h) of `src` (rows x cols tokens) into the transposed layout and/or rows.
+template <typename T>
+void pack_head(const LocalAttentionSource& src, int64_t b, int64_t h, int64_t rows, int64_t cols,
+               int64_t depth, int64_t pad, int64_t row_width, int64_t dp, T* transposed, T* rowmajor) {
+  LocalAttentionPackArgs pk;
+  pk.batch = 1;
+  pk.heads = 1;
+  pk.rows = rows;
+  pk.cols = cols;
+  pk.head_dim = depth;
+  pk.src = static_cast<const char*>(src.data) + (b * src.sb + h * src.sh) * elem_size(src.type);
+  pk.src_type = src.type;
+  pk.sn = src.sn;
+  pk.transposed = transposed;
+  pk.pad = pad;
+  pk.row_width = row_width;
+  pk.rowmajor = rowmajor;
+  pk.dp = dp;
+  pk.f64 = std::is_same_v<T, double>;
+  pack_rows<T>(pk, 0, rows);
+}
+
+// One tile (tile row tr, tile column tc) of head (b, h).
+template <typename T>
+void forward_tile(const LocalAttentionForwardArgs& a, Scratch<T>& sc, std::vector<Segment<T>>& segs,
+                  int64_t b, int64_t h, int64_t tr, int64_t tc) {
+  const LocalAttentionShape& s = a.shape;
+  const LocalAttentionPlan& p = a.plan;
+  const int64_t n_q = s.q_h * s.q_w, depth = s.head_dim, dp = p.dp, T_ = s.text;
+  const int64_t sw = s.q_w / s.k_w;
+  const int64_t q_esz = elem_size(a.q_type);
+  const int64_t sld = sc.sld;
+  const T scale = static_cast<T>(a.scale), bias = static_cast<T>(a.text_bias);
+  const int64_t bh = b * a.heads + h;
+  const char* q_bh = static_cast<const char*>(a.q) + (b * a.q_sb + h * a.q_sh) * q_esz;
+  const T* kt_bh = static_cast<const T*>(a.kt) + b * a.kt_sb + h * a.kt_sh;
+  const T* v_bh = static_cast<const T*>(a.v) + b * a.v_sb + h * a.v_sh;
+  const T* tkt = T_ > 0 ? static_cast<const T*>(a.text_kt) + b * a.tk_sb + h * a.tk_sh : nullptr;
+  const T* tv = T_ > 0 ? static_cast<const T*>(a.text_v) + b * a.tv_sb + h * a.tv_sh : nullptr;
+  char* out_bh = static_cast<char*>(a.out) + bh * n_q * depth * q_esz;
+  T* lse_bh = static_cast<T*>(a.lse) + bh * n_q;
+  const int64_t w0 = tc * p.tile_w, w1 = std::min(s.q_w, w0 + p.tile_w);
+  const int64_t h0 = tr * p.tile_h, h1 = std::min(s.q_h, h0 + p.tile_h);
+  const int64_t c0 = w0 / sw - s.win_w / 2;
+
+  for (int64_t y = h0; y < h1; ++y) {
+    for (int64_t x0 = w0; x0 < w1; x0 += kGroup) {
+      const Group g = make_group(s, c0, y, x0, std::min<int64_t>(kGroup, w1 - x0));
+      load_queries(g, s.q_w, depth, dp, q_bh, a.q_type, a.q_sn, scale, sc.q.data());
+      group_scores(s, p, g, sc.q.data(), dp, kt_bh, tkt, sc.s.data(), sld);
+      // Exact softmax over window and text keys; invalid strip entries become 0.
+      for (int64_t m = 0; m < g.count; ++m) {
+        softmax_row(g, m, p.strip, T_, p.tpad, bias, sc.s.data() + m * sld, &sc.lse[m], &sc.inv[m]);
+      }
+      // out = P V / sum, per register block of queries over the union of their windows, then text.
+      for (int64_t m0 = 0; m0 < g.count; m0 += kPvM) {
+        const int64_t mm = std::min<int64_t>(kPvM, g.count - m0);
+        const BlockCols bc = block_cols(g, m0, mm);
+        int nseg = 0;
+        for (int64_t ri = 0; ri < g.nr; ++ri) {
+          segs[nseg++] = {v_bh + ((g.r_lo + ri) * s.k_w + g.c0 + bc.lo) * a.v_sn, a.v_sn,
+                          ri * p.strip + bc.lo, block_hi(g, bc, ri) - bc.lo};
+        }
+        if (T_ > 0) segs[nseg++] = {tv, dp, g.nr * p.strip, T_};
+        combine(mm, dp, p.lanes, segs.data(), nseg, sc.s.data() + m0 * sld, sld, sc.inv.data() + m0,
+                sc.o.data() + m0 * dp, dp);
+      }
+      for (int64_t m = 0; m < g.count; ++m) {
+        const int64_t n = y * s.q_w + x0 + m;
+        store_row(out_bh + n * depth * q_esz, sc.o.data() + m * dp, a.q_type, depth);
+        lse_bh[n] = sc.lse[m];
+      }
+    }
+  }
+}
+
 template <typename T>
 void forward_tasks(const LocalAttentionForwardArgs& a, int64_t begin, int64_t end) {
   const LocalAttentionShape& s = a.shape;
   const LocalAttentionPlan& p = a.plan;
   const TaskGrid tg = task_grid(s, p);
-  const int64_t n_q = s.q_h * s.q_w, depth = s.head_dim, dp = p.dp, T_ = s.text;
-  const int64_t sw = s.q_w / s.k_w;
-  const int64_t q_esz = elem_size(a.q_type);
   Scratch<T> sc(s, p, false);
-  const int64_t sld = sc.sld;
-  const T scale = static_cast<T>(a.scale), bias = static_cast<T>(a.text_bias);
-  const T neg_inf = -std::numeric_limits<T>::infinity();
   std::vector<Segment<T>> segs(s.win_h + 1);
-
+  if (!a.per_head) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t tc = task % tg.cols, tr = (task / tg.cols) % tg.rows;
+      const int64_t bh = task / (tg.cols * tg.rows);
+      forward_tile(a, sc, segs, bh / a.heads, bh % a.heads, tr, tc);
+    }
+    return;
+  }
+  // One head per task: pack what the torch layer left null into per-task scratch (it stays in
+  // L2 while the head's tiles run), then all tiles of the head.
+  const int64_t depth = s.head_dim, n_k = s.k_h * s.k_w;
+  std::vector<T> kt, v, tkt, tv;
+  if (a.kt == nullptr) kt.resize(s.k_h * depth * p.row_width);
+  if (a.v == nullptr) v.resize(n_k * p.dp);
+  if (s.text > 0 && a.text_kt == nullptr) tkt.resize(depth * p.tpad);
+  if (s.text > 0 && a.text_v == nullptr) tv.resize(s.text * p.dp);
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t tc = task % tg.cols, tr = (task / tg.cols) % tg.rows;
-    const int64_t bh = task / (tg.cols * tg.rows), b = bh / a.heads, h = bh % a.heads;
-    const char* q_bh = static_cast<const char*>(a.q) + (b * a.q_sb + h * a.q_sh) * q_esz;
-    const T* kt_bh = static_cast<const T*>(a.kt) + b * a.kt_sb + h * a.kt_sh;
-    const T* v_bh = static_cast<const T*>(a.v) + b * a.v_sb + h * a.v_sh;
-    const T* tkt = T_ > 0 ? static_cast<const T*>(a.text_kt) + b * a.tk_sb + h * a.tk_sh : nullptr;
-    const T* tv = T_ > 0 ? static_cast<const T*>(a.text_v) + b * a.tv_sb + h * a.tv_sh : nullptr;
-    char* out_bh = static_cast<char*>(a.out) + bh * n_q * depth * q_esz;
-    T* lse_bh = static_cast<T*>(a.lse) + bh * n_q;
-    const int64_t w0 = tc * p.tile_w, w1 = std::min(s.q_w, w0 + p.tile_w);
-    const int64_t h0 = tr * p.tile_h, h1 = std::min(s.q_h, h0 + p.tile_h);
-    const int64_t c0 = w0 / sw - s.win_w / 2;
-
-    for (int64_t y = h0; y < h1; ++y) {
-      for (int64_t x0 = w0; x0 < w1; x0 += kGroup) {
-        const Group g = make_group(s, c0, y, x0, std::min<int64_t>(kGroup, w1 - x0));
-        load_queries(g, s.q_w, depth, dp, q_bh, a.q_type, a.q_sn, scale, sc.q.data());
-        group_scores(s, p, g, sc.q.data(), dp, kt_bh, tkt, sc.s.data(), sld);
-
-        // Exact softmax over window and text keys; invalid strip entries become 0.
-        for (int64_t m = 0; m < g.count; ++m) {
-          T* sm = sc.s.data() + m * sld;
-          const int64_t lo = g.lo[m];
-          T mx = neg_inf;
-          for (int64_t ri = 0; ri < g.nr; ++ri) {
-            const T* sr = sm + ri * p.strip;
-            const int64_t hi = group_hi(g, m, ri);
-#pragma omp simd reduction(max : mx)
-            for (int64_t j = 0; j < p.strip; ++j) {
-              const T val = (j >= lo && j < hi) ? sr[j] : neg_inf;
-              mx = val > mx ? val : mx;
-            }
-          }
-          T* st = sm + g.nr * p.strip;
-#pragma omp simd reduction(max : mx)
-          for (int64_t t = 0; t < T_; ++t) {
-            st[t] += bias;
-            mx = st[t] > mx ? st[t] : mx;
-          }
-          T sum = 0;
-          for (int64_t ri = 0; ri < g.nr; ++ri) {
-            T* sr = sm + ri * p.strip;
-            const int64_t hi = group_hi(g, m, ri);
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < p.strip; ++j) {
-              const T e = exp_acc(sr[j] - mx);
-              const T val = (j >= lo && j < hi) ? e : T(0);
-              sr[j] = val;
-              sum += val;
-            }
-          }
-#pragma omp simd reduction(+ : sum)
-          for (int64_t t = 0; t < T_; ++t) {
-            const T e = exp_acc(st[t] - mx);
-            st[t] = e;
-            sum += e;
-          }
-          sc.lse[m] = mx + std::log(sum);
-          sc.inv[m] = T(1) / sum;
-        }
-
-        // out = P V / sum over the union of the group's windows, then text.
-        Segment<T>* sg = segs.data();
-        int nseg = 0;
-        for (int64_t ri = 0; ri < g.nr; ++ri) {
-          const int64_t uhi = group_uhi(g, ri);
-          sg[nseg++] = {v_bh + ((g.r_lo + ri) * s.k_w + g.c0 + g.ulo) * a.v_sn, a.v_sn,
-                        ri * p.strip + g.ulo, uhi - g.ulo};
-        }
-        if (T_ > 0) sg[nseg++] = {tv, dp, g.nr * p.strip, T_};
-        combine(g.count, dp, p.lanes, sg, nseg, sc.s.data(), sld, sc.inv.data(), sc.o.data(), dp);
-        for (int64_t m = 0; m < g.count; ++m) {
-          const int64_t n = y * s.q_w + x0 + m;
-          store_row(out_bh + n * depth * q_esz, sc.o.data() + m * dp, a.q_type, depth);
-          lse_bh[n] = sc.lse[m];
-        }
-      }
+    const int64_t b = task / a.heads, h = task % a.heads;
+    LocalAttentionForwardArgs la = a;
+    if (a.kt == nullptr) {
+      pack_head<T>(a.k_src, b, h, s.k_h, s.k_w, depth, p.pad, p.row_width, p.dp, kt.data(), nullptr);
+      la.kt = kt.data();
+      la.kt_sb = la.kt_sh = 0;
+    }
+    if (a.v == nullptr) {
+      pack_head<T>(a.v_src, b, h, s.k_h, s.k_w, depth, 0, 0, p.dp, nullptr, v.data());
+      la.v = v.data();
+      la.v_sb = la.v_sh = 0;
+      la.v_sn = p.dp;
+    }
+    if (s.text > 0 && a.text_kt == nullptr) {
+      pack_head<T>(a.text_k_src, b, h, 1, s.text, depth, 0, p.tpad, p.dp, tkt.data(), nullptr);
+      la.text_kt = tkt.data();
+      la.tk_sb = la.tk_sh = 0;
+    }
+    if (s.text > 0 && a.text_v == nullptr) {
+      pack_head<T>(a.text_v_src, b, h, 1, s.text, depth, 0, 0, p.dp, nullptr, tv.data());
+      la.text_v = tv.data();
+      la.tv_sb = la.tv_sh = 0;
+    }
+    for (int64_t tr = 0; tr < tg.rows; ++tr) {
+      for (int64_t tc = 0; tc < tg.cols; ++tc) forward_tile(la, sc, segs, b, h, tr, tc);
     }
   }
 }
@@ -700,60 +968,110 @@ void backward_band(const LocalAttentionBackwardArgs& a, int64_t b, int64_t h, in
         group_scores(s, p, g, dout, dp, vt_bh, tvt, dsm, sld);
         // P = exp(S - lse) and dS = P * (dP - D), both 0 outside the window.
         for (int64_t m = 0; m < g.count; ++m) {
-          T* sm = pm + m * sld;
-          T* dm = dsm + m * sld;
-          const T l = sc.lse[m], dd = sc.aux[m];
-          const int64_t lo = g.lo[m];
-          for (int64_t ri = 0; ri < g.nr; ++ri) {
-            T* sr = sm + ri * p.strip;
-            T* dr = dm + ri * p.strip;
-            const int64_t hi = group_hi(g, m, ri);
-#pragma omp simd
-            for (int64_t j = 0; j < p.strip; ++j) {
-              const bool valid = j >= lo && j < hi;
-              const T pr = exp_acc(sr[j] - l);
-              const T pv = valid ? pr : T(0);
-              sr[j] = pv;
-              dr[j] = valid ? pv * (dr[j] - dd) : T(0);
-            }
-          }
-          T* st = sm + g.nr * p.strip;
-          T* dt = dm + g.nr * p.strip;
-#pragma omp simd
-          for (int64_t t = 0; t < T_; ++t) {
-            const T pv = exp_acc(st[t] + bias - l);
-            st[t] = pv;
-            dt[t] = pv * (dt[t] - dd);
-          }
+          grad_scores_row(g, m, p.strip, T_, p.tpad, bias, sc.lse[m], sc.aux[m], pm + m * sld, dsm + m * sld);
         }
-        // Key rows touched by the group's windows, then the text keys.
-        int nseg = 0;
-        for (int64_t ri = 0; ri < g.nr; ++ri) {
-          const int64_t first = (g.r_lo + ri) * s.k_w + g.c0 + g.ulo;
-          const int64_t col = ri * p.strip + g.ulo, n = group_uhi(g, ri) - g.ulo;
-          segs[nseg] = {k_bh + first * a.k_sn, a.k_sn, col, n};
-          wsegs[nseg] = {gv_bh + first * dp, dp, col, n};
-          ++nseg;
-        }
-        const int nwin = nseg;
-        if (T_ > 0) {
-          segs[nseg] = {tk, dp, g.nr * p.strip, T_};
-          wsegs[nseg] = {gtv, dp, g.nr * p.strip, T_};
-          ++nseg;
-        }
-        // dV += P^T dO
-        update(g.count, dp, p.lanes, wsegs.data(), nseg, pm, sld, dout, dp);
-        // dK += dS^T (q * scale)
-        for (int64_t i = 0; i < nwin; ++i) wsegs[i].base = gk_bh + (wsegs[i].base - gv_bh);
-        if (T_ > 0) wsegs[nwin].base = gtk;
-        update(g.count, dp, p.lanes, wsegs.data(), nseg, dsm, sld, qs, dp);
-        // dQ = scale * dS K
+        // Per register block of queries: the key rows its windows touch, then the text keys.
         for (int64_t m = 0; m < g.count; ++m) sc.inv[m] = scale;
-        combine(g.count, dp, p.lanes, segs.data(), nseg, dsm, sld, sc.inv.data(), sc.o.data(), dp);
+        for (int64_t m0 = 0; m0 < g.count; m0 += kPvM) {
+          const int64_t mm = std::min<int64_t>(kPvM, g.count - m0);
+          const BlockCols bc = block_cols(g, m0, mm);
+          int nseg = 0;
+          for (int64_t ri = 0; ri < g.nr; ++ri) {
+            const int64_t first = (g.r_lo + ri) * s.k_w + g.c0 + bc.lo;
+            const int64_t col = ri * p.strip + bc.lo, n = block_hi(g, bc, ri) - bc.lo;
+            segs[nseg] = {k_bh + first * a.k_sn, a.k_sn, col, n};
+            wsegs[nseg] = {gv_bh + first * dp, dp, col, n};
+            ++nseg;
+          }
+          const int nwin = nseg;
+          if (T_ > 0) {
+            segs[nseg] = {tk, dp, g.nr * p.strip, T_};
+            wsegs[nseg] = {gtv, dp, g.nr * p.strip, T_};
+            ++nseg;
+          }
+          // dV += P^T dO
+          update(mm, dp, p.lanes, wsegs.data(), nseg, pm + m0 * sld, sld, dout + m0 * dp, dp);
+          // dK += dS^T (q * scale)
+          for (int64_t i = 0; i < nwin; ++i) wsegs[i].base = gk_bh + (wsegs[i].base - gv_bh);
+          if (T_ > 0) wsegs[nwin].base = gtk;
+          update(mm, dp, p.lanes, wsegs.data(), nseg, dsm + m0 * sld, sld, qs + m0 * dp, dp);
+          // dQ = scale * dS K
+          combine(mm, dp, p.lanes, segs.data(), nseg, dsm + m0 * sld, sld, sc.inv.data() + m0,
+                  sc.o.data() + m0 * dp, dp);
+        }
         for (int64_t m = 0; m < g.count; ++m) {
           const int64_t n = y * s.q_w + x0 + m;
           store_row(gq_bh + n * depth * q_esz, sc.o.data() + m * dp, a.q_type, depth);
         }
+      }
+    }
+  }
+}
+
+// Whole heads per task; bands in the order the phased schedule uses (per batch: even bands,
+// then odd bands), so both schedules sum every key gradient in the same order.
+template <typename T>
+void backward_heads(const LocalAttentionBackwardArgs& a, int64_t begin, int64_t end) {
+  const LocalAttentionShape& s = a.shape;
+  const LocalAttentionPlan& p = a.plan;
+  const int64_t depth = s.head_dim, n_k = s.k_h * s.k_w;
+  const int64_t bands = a.bands;
+  const int64_t key_pack = s.k_h * depth * p.row_width;
+  std::vector<T> kt, vt, kr, tkt, tvt, tkr;
+  if (a.kt == nullptr) kt.resize(key_pack);
+  if (a.vt == nullptr) vt.resize(key_pack);
+  if (a.k == nullptr) kr.resize(n_k * p.dp);
+  if (s.text > 0 && a.text_kt == nullptr) tkt.resize(depth * p.tpad);
+  if (s.text > 0 && a.text_vt == nullptr) tvt.resize(depth * p.tpad);
+  if (s.text > 0 && a.text_k == nullptr) tkr.resize(s.text * p.dp);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t h = a.kv_broadcast ? task : task % a.heads;
+    const int64_t b_first = a.kv_broadcast ? 0 : task / a.heads;
+    const int64_t b_last = a.kv_broadcast ? a.batch : b_first + 1;
+    LocalAttentionBackwardArgs la = a;
+    // Packs of head h for batch b (broadcast sources have batch stride 0).
+    auto pack_kv = [&](int64_t b) {
+      if (a.kt == nullptr || a.k == nullptr) {
+        pack_head<T>(a.k_src, b, h, s.k_h, s.k_w, depth, p.pad, p.row_width, p.dp,
+                     a.kt == nullptr ? kt.data() : nullptr, a.k == nullptr ? kr.data() : nullptr);
+      }
+      if (a.kt == nullptr) {
+        la.kt = kt.data();
+        la.kt_sb = la.kt_sh = 0;
+      }
+      if (a.vt == nullptr) {
+        pack_head<T>(a.v_src, b, h, s.k_h, s.k_w, depth, p.pad, p.row_width, p.dp, vt.data(), nullptr);
+        la.vt = vt.data();
+      }
+      if (a.k == nullptr) {
+        la.k = kr.data();
+        la.k_sb = la.k_sh = 0;
+        la.k_sn = p.dp;
+      }
+    };
+    auto pack_text = [&](int64_t b) {
+      if (s.text == 0) return;
+      if (a.text_kt == nullptr || a.text_k == nullptr) {
+        pack_head<T>(a.text_k_src, b, h, 1, s.text, depth, 0, p.tpad, p.dp,
+                     a.text_kt == nullptr ? tkt.data() : nullptr, a.text_k == nullptr ? tkr.data() : nullptr);
+      }
+      if (a.text_vt == nullptr) {
+        pack_head<T>(a.text_v_src, b, h, 1, s.text, depth, 0, p.tpad, p.dp, tvt.data(), nullptr);
+      }
+      if (a.text_kt == nullptr) la.text_kt = tkt.data();
+      if (a.text_vt == nullptr) la.text_vt = tvt.data();
+      if (a.text_kt == nullptr || a.text_vt == nullptr) la.tt_sb = la.tt_sh = 0;
+      if (a.text_k == nullptr) {
+        la.text_k = tkr.data();
+        la.tk_sb = la.tk_sh = 0;
+      }
+    };
+    for (int64_t b = b_first; b < b_last; ++b) {
+      // k/v are the same for every batch when broadcast; text may still differ per batch.
+      if (b == b_first) pack_kv(b);
+      if (b == b_first || a.text_k_src.sb != 0) pack_text(b);
+      for (int64_t color = 0; color < 2; ++color) {
+        for (int64_t band = color; band < bands; band += 2) backward_band<T>(la, b, h, band);
       }
     }
   }
@@ -773,7 +1091,7 @@ void local_attention_pack(const LocalAttentionPackArgs& args, int64_t begin, int
 
 int64_t local_attention_forward_tasks(const LocalAttentionForwardArgs& args) {
   const TaskGrid tg = task_grid(args.shape, args.plan);
-  return args.batch * args.heads * tg.rows * tg.cols;
+  return args.batch * args.heads * (args.per_head ? 1 : tg.rows * tg.cols);
 }
 
 void local_attention_forward(const LocalAttentionForwardArgs& args, int64_t begin, int64_t end) {
@@ -781,6 +1099,14 @@ void local_attention_forward(const LocalAttentionForwardArgs& args, int64_t begi
     forward_tasks<double>(args, begin, end);
   } else {
     forward_tasks<float>(args, begin, end);
+  }
+}
+
+void local_attention_backward_heads(const LocalAttentionBackwardArgs& args, int64_t begin, int64_t end) {
+  if (args.shape.f64) {
+    backward_heads<double>(args, begin, end);
+  } else {
+    backward_heads<float>(args, begin, end);
   }
 }
 
