@@ -210,7 +210,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_att
   const LocalAttentionShape shape = make_shape(d, causal, acc);
   const LocalAttentionPlan plan = COGVIEW_CPU_DISPATCH(local_attention_plan, shape);
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
-  const at::Tensor out = unit_last_stride(out_in);
   const at::Tensor lse = lse_in.to(acc).contiguous();
   const at::Tensor grad_out = grad_out_in.has_value() ? unit_last_stride(*grad_out_in) : at::Tensor();
   const at::Tensor grad_lse = grad_lse_in.has_value() ? grad_lse_in->to(acc).contiguous() : at::Tensor();
@@ -252,11 +251,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_att
   a.q_sb = q.stride(0);
   a.q_sh = q.stride(1);
   a.q_sn = q.stride(2);
-  a.out = out.data_ptr();
-  a.out_type = elem_type(out, "out");
-  a.o_sb = out.stride(0);
-  a.o_sh = out.stride(1);
-  a.o_sn = out.stride(2);
   if (grad_out.defined()) {
     a.grad_out = grad_out.data_ptr();
     a.grad_out_type = elem_type(grad_out, "grad_out");

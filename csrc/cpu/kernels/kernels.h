@@ -144,9 +144,6 @@ struct LocalAttentionBackwardArgs {
   const void* q = nullptr;
   ElemType q_type = ElemType::f32;
   int64_t q_sb = 0, q_sh = 0, q_sn = 0;
-  const void* out = nullptr;  // forward output
-  ElemType out_type = ElemType::f32;
-  int64_t o_sb = 0, o_sh = 0, o_sn = 0;
   const void* grad_out = nullptr;  // may be null (no gradient reached `out`)
   ElemType grad_out_type = ElemType::f32;
   int64_t go_sb = 0, go_sh = 0, go_sn = 0;

@@ -590,32 +590,47 @@ void softmax_row(const Group& g, int64_t m, int64_t strip, int64_t text, int64_t
   *inv = T(1) / total;
 }
 
-// Backward of one query: sm holds its scores, dm its dP = dO . v; leaves P = exp(s - lse) in sm
-// and dS = P * (dP - delta) in dm, both exactly 0 outside the window and beyond the text keys.
+// Backward of one query: sm holds its scores, dm its dP = dO . v. Leaves P = exp(s - lse) in sm
+// and dS = P * (dP - delta) in dm, both exactly 0 outside the window and beyond the text keys,
+// with delta = sum_j P_j dP_j - dlse. (sum_j P_j dP_j equals rowsum(dO * out) in exact
+// arithmetic; taken from the tile it cancels exactly where the softmax backward does, e.g. a
+// query that sees one key gets dS = dlse, and `out` is not read.)
 template <typename T>
 void grad_scores_row(const Group& g, int64_t m, int64_t strip, int64_t text, int64_t tpad, T bias, T lse,
-                     T delta, T* sm, T* dm) {
+                     T grad_lse, T* sm, T* dm) {
   using V = Vec<T>;
   constexpr int L = V::L;
-  const typename V::R zero = V::zero(), lv = V::set1(lse), dv = V::set1(delta);
+  const typename V::R zero = V::zero(), lv = V::set1(lse), vb = V::set1(bias);
   const int64_t lo = g.lo[m];
+  T* st = sm + g.nr * strip;
+  T* dt = dm + g.nr * strip;
+  typename V::R acc = zero;
   for (int64_t ri = 0; ri < g.nr; ++ri) {
     T* sr = sm + ri * strip;
-    T* dr = dm + ri * strip;
+    const T* dr = dm + ri * strip;
     const int64_t hi = group_hi(g, m, ri);
     for (int64_t j = 0; j < strip; j += L) {
       const typename V::R pr = V::keep(V::exp(V::sub(V::load(sr + j), lv)), lo - j, hi - j, zero);
       V::store(sr + j, pr);
-      V::store(dr + j, V::keep(V::mul(pr, V::sub(V::load(dr + j), dv)), lo - j, hi - j, zero));
+      acc = V::fma(pr, V::keep(V::load(dr + j), lo - j, hi - j, zero), acc);
     }
   }
-  T* st = sm + g.nr * strip;
-  T* dt = dm + g.nr * strip;
-  const typename V::R vb = V::set1(bias);
   for (int64_t t = 0; t < tpad; t += L) {
     const typename V::R pr = V::keep(V::exp(V::sub(V::add(V::load(st + t), vb), lv)), -t, text - t, zero);
     V::store(st + t, pr);
-    V::store(dt + t, V::keep(V::mul(pr, V::sub(V::load(dt + t), dv)), -t, text - t, zero));
+    acc = V::fma(pr, V::keep(V::load(dt + t), -t, text - t, zero), acc);
+  }
+  const typename V::R dv = V::set1(V::hsum(acc) - grad_lse);
+  for (int64_t ri = 0; ri < g.nr; ++ri) {
+    const T* sr = sm + ri * strip;
+    T* dr = dm + ri * strip;
+    const int64_t hi = group_hi(g, m, ri);
+    for (int64_t j = 0; j < strip; j += L) {
+      V::store(dr + j, V::keep(V::mul(V::load(sr + j), V::sub(V::load(dr + j), dv)), lo - j, hi - j, zero));
+    }
+  }
+  for (int64_t t = 0; t < tpad; t += L) {
+    V::store(dt + t, V::keep(V::mul(V::load(st + t), V::sub(V::load(dt + t), dv)), -t, text - t, zero));
   }
 }
 
@@ -623,7 +638,7 @@ void grad_scores_row(const Group& g, int64_t m, int64_t strip, int64_t text, int
 template <typename T>
 struct Scratch {
   int64_t sld = 0, dp = 0;
-  std::vector<T> q, s, ds, o, dout, tmp;
+  std::vector<T> q, s, ds, o, dout;
   std::vector<T> lse, inv, aux;
   explicit Scratch(const LocalAttentionShape& shape, const LocalAttentionPlan& plan, bool backward) {
     sld = shape.win_h * plan.strip + plan.tpad;
@@ -631,7 +646,6 @@ struct Scratch {
     q.assign(kGroup * dp, T(0));
     s.assign(kGroup * sld, T(0));
     o.assign(kGroup * dp, T(0));
-    tmp.assign(dp, T(0));
     lse.assign(kGroup, T(0));
     inv.assign(kGroup, T(0));
     aux.assign(kGroup, T(0));
@@ -905,7 +919,7 @@ void backward_band(const LocalAttentionBackwardArgs& a, int64_t b, int64_t h, in
   const LocalAttentionPlan& p = a.plan;
   const int64_t n_q = s.q_h * s.q_w, depth = s.head_dim, dp = p.dp, T_ = s.text;
   const int64_t sw = s.q_w / s.k_w;
-  const int64_t q_esz = elem_size(a.q_type), o_esz = elem_size(a.out_type);
+  const int64_t q_esz = elem_size(a.q_type);
   const int64_t go_esz = elem_size(a.grad_out_type);
   Scratch<T> sc(s, p, true);
   const int64_t sld = sc.sld;
@@ -913,7 +927,6 @@ void backward_band(const LocalAttentionBackwardArgs& a, int64_t b, int64_t h, in
   const int64_t bh = b * a.heads + h;
 
   const char* q_bh = static_cast<const char*>(a.q) + (b * a.q_sb + h * a.q_sh) * q_esz;
-  const char* o_bh = static_cast<const char*>(a.out) + (b * a.o_sb + h * a.o_sh) * o_esz;
   const char* go_bh = a.grad_out != nullptr
                           ? static_cast<const char*>(a.grad_out) + (b * a.go_sb + h * a.go_sh) * go_esz
                           : nullptr;
@@ -946,7 +959,7 @@ void backward_band(const LocalAttentionBackwardArgs& a, int64_t b, int64_t h, in
       for (int64_t x0 = w0; x0 < w1; x0 += kGroup) {
         const Group g = make_group(s, c0, y, x0, std::min<int64_t>(kGroup, w1 - x0));
         load_queries(g, s.q_w, depth, dp, q_bh, a.q_type, a.q_sn, scale, qs);
-        // dO, and D = rowsum(dO * O) - dlse.
+        // dO (zero without a gradient of `out`), lse and dlse of each query.
         for (int64_t m = 0; m < g.count; ++m) {
           const int64_t n = y * s.q_w + x0 + m;
           T* dr = dout + m * dp;
@@ -956,12 +969,7 @@ void backward_band(const LocalAttentionBackwardArgs& a, int64_t b, int64_t h, in
             std::fill(dr, dr + depth, T(0));
           }
           std::fill(dr + depth, dr + dp, T(0));
-          load_row(sc.tmp.data(), o_bh + n * a.o_sn * o_esz, a.out_type, depth);
-          T dot = 0;
-          const T* orow = sc.tmp.data();
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < depth; ++d) dot += dr[d] * orow[d];
-          sc.aux[m] = dot - (glse_bh != nullptr ? glse_bh[n] : T(0));
+          sc.aux[m] = glse_bh != nullptr ? glse_bh[n] : T(0);
           sc.lse[m] = lse_bh[n];
         }
         group_scores(s, p, g, qs, dp, kt_bh, tkt, pm, sld);
