@@ -52,6 +52,22 @@ LocalAttentionShape make_shape(const ops::LocalAttentionDims& d, bool causal, at
   return s;
 }
 
+// One slice of scratch per thread (allocated through torch, so memory profiles see it).
+class ThreadScratch {
+ public:
+  ThreadScratch(int64_t elems, const at::TensorOptions& options) : elems_(elems) {
+    if (elems > 0) buffer_ = at::empty({at::get_num_threads(), elems}, options);
+  }
+  void* mine() const {
+    if (elems_ == 0) return nullptr;
+    return static_cast<char*>(buffer_.data_ptr()) + at::get_thread_num() * elems_ * buffer_.element_size();
+  }
+
+ private:
+  int64_t elems_;
+  at::Tensor buffer_;
+};
+
 // Accumulator-type rows of x readable `dp` elements at a time, with their strides.
 struct Rows {
   at::Tensor t;
@@ -182,9 +198,11 @@ std::tuple<at::Tensor, at::Tensor> local_attention_cpu(const at::Tensor& q_in, c
   a.out = out.data_ptr();
   a.lse = lse.data_ptr();
   const int64_t tasks = COGVIEW_CPU_DISPATCH(local_attention_forward_tasks, a);
+  const ThreadScratch scratch(per_head ? COGVIEW_CPU_DISPATCH(local_attention_head_scratch, shape, plan, false) : 0,
+                              q.options().dtype(acc));
   if (tasks > 0) {
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      COGVIEW_CPU_DISPATCH(local_attention_forward, a, begin, end);
+      COGVIEW_CPU_DISPATCH(local_attention_forward, a, begin, end, scratch.mine());
     });
   }
   return {out, lse};
@@ -300,8 +318,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_att
   a.bands = bands;
 
   if (per_head) {
+    const ThreadScratch scratch(COGVIEW_CPU_DISPATCH(local_attention_head_scratch, shape, plan, true),
+                                q.options().dtype(acc));
     at::parallel_for(0, head_units, 1, [&](int64_t begin, int64_t end) {
-      COGVIEW_CPU_DISPATCH(local_attention_backward_heads, a, begin, end);
+      COGVIEW_CPU_DISPATCH(local_attention_backward_heads, a, begin, end, scratch.mine());
     });
   }
   // Otherwise phases: even bands, then odd bands; with broadcast k/v also one batch at a time,

@@ -178,13 +178,17 @@ struct LocalAttentionBackwardArgs {
   LocalAttentionPlan local_attention_plan(const LocalAttentionShape& shape);                \
   void local_attention_pack(const LocalAttentionPackArgs& args, int64_t begin, int64_t end); \
   int64_t local_attention_forward_tasks(const LocalAttentionForwardArgs& args);             \
-  void local_attention_forward(const LocalAttentionForwardArgs& args, int64_t begin, int64_t end); \
+  /* Accumulator elements of per-task scratch for packing one head (per_head schedules). */  \
+  int64_t local_attention_head_scratch(const LocalAttentionShape& shape,                    \
+                                       const LocalAttentionPlan& plan, bool backward);      \
+  void local_attention_forward(const LocalAttentionForwardArgs& args, int64_t begin, int64_t end, \
+                               void* scratch);                                              \
   void local_attention_backward(const LocalAttentionBackwardArgs& args, int64_t b, int64_t h, \
                                 int64_t band);                                              \
   /* Backward of whole heads: task i is head i % heads of batch i / heads, or, when k/v are */ \
   /* batch-broadcast, head i of every batch; null packed inputs are packed per head.        */ \
   void local_attention_backward_heads(const LocalAttentionBackwardArgs& args, int64_t begin, \
-                                      int64_t end);                                         \
+                                      int64_t end, void* scratch);                          \
   /* Forward over rows [begin, end). */                                                     \
   void layer_norm_forward(const LayerNormForwardArgs& args, int64_t begin, int64_t end);   \
   /* Backward over rows [begin, end), accumulating weight grads into partial `chunk`. */    \

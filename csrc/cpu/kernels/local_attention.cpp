@@ -858,8 +858,26 @@ void forward_tile(const LocalAttentionForwardArgs& a, Scratch<T>& sc, std::vecto
   }
 }
 
+// Carves per-task pack buffers out of the scratch the torch layer allocated.
 template <typename T>
-void forward_tasks(const LocalAttentionForwardArgs& a, int64_t begin, int64_t end) {
+struct ScratchCursor {
+  T* next;
+  T* take(int64_t n) {
+    T* out = next;
+    next += n;
+    return out;
+  }
+};
+
+template <typename T>
+int64_t head_scratch(const LocalAttentionShape& s, const LocalAttentionPlan& p, bool backward) {
+  const int64_t keys = s.k_h * s.head_dim * p.row_width, rows = s.k_h * s.k_w * p.dp;
+  const int64_t text_t = s.head_dim * p.tpad, text_rows = s.text * p.dp;
+  return backward ? 2 * keys + rows + 2 * text_t + text_rows : keys + rows + text_t + text_rows;
+}
+
+template <typename T>
+void forward_tasks(const LocalAttentionForwardArgs& a, int64_t begin, int64_t end, void* scratch) {
   const LocalAttentionShape& s = a.shape;
   const LocalAttentionPlan& p = a.plan;
   const TaskGrid tg = task_grid(s, p);
@@ -876,33 +894,33 @@ void forward_tasks(const LocalAttentionForwardArgs& a, int64_t begin, int64_t en
   // One head per task: pack what the torch layer left null into per-task scratch (it stays in
   // L2 while the head's tiles run), then all tiles of the head.
   const int64_t depth = s.head_dim, n_k = s.k_h * s.k_w;
-  std::vector<T> kt, v, tkt, tv;
-  if (a.kt == nullptr) kt.resize(s.k_h * depth * p.row_width);
-  if (a.v == nullptr) v.resize(n_k * p.dp);
-  if (s.text > 0 && a.text_kt == nullptr) tkt.resize(depth * p.tpad);
-  if (s.text > 0 && a.text_v == nullptr) tv.resize(s.text * p.dp);
+  ScratchCursor<T> cur{static_cast<T*>(scratch)};
+  T* kt = a.kt == nullptr ? cur.take(s.k_h * depth * p.row_width) : nullptr;
+  T* v = a.v == nullptr ? cur.take(n_k * p.dp) : nullptr;
+  T* tkt = s.text > 0 && a.text_kt == nullptr ? cur.take(depth * p.tpad) : nullptr;
+  T* tv = s.text > 0 && a.text_v == nullptr ? cur.take(s.text * p.dp) : nullptr;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / a.heads, h = task % a.heads;
     LocalAttentionForwardArgs la = a;
     if (a.kt == nullptr) {
-      pack_head<T>(a.k_src, b, h, s.k_h, s.k_w, depth, p.pad, p.row_width, p.dp, kt.data(), nullptr);
-      la.kt = kt.data();
+      pack_head<T>(a.k_src, b, h, s.k_h, s.k_w, depth, p.pad, p.row_width, p.dp, kt, nullptr);
+      la.kt = kt;
       la.kt_sb = la.kt_sh = 0;
     }
     if (a.v == nullptr) {
-      pack_head<T>(a.v_src, b, h, s.k_h, s.k_w, depth, 0, 0, p.dp, nullptr, v.data());
-      la.v = v.data();
+      pack_head<T>(a.v_src, b, h, s.k_h, s.k_w, depth, 0, 0, p.dp, nullptr, v);
+      la.v = v;
       la.v_sb = la.v_sh = 0;
       la.v_sn = p.dp;
     }
     if (s.text > 0 && a.text_kt == nullptr) {
-      pack_head<T>(a.text_k_src, b, h, 1, s.text, depth, 0, p.tpad, p.dp, tkt.data(), nullptr);
-      la.text_kt = tkt.data();
+      pack_head<T>(a.text_k_src, b, h, 1, s.text, depth, 0, p.tpad, p.dp, tkt, nullptr);
+      la.text_kt = tkt;
       la.tk_sb = la.tk_sh = 0;
     }
     if (s.text > 0 && a.text_v == nullptr) {
-      pack_head<T>(a.text_v_src, b, h, 1, s.text, depth, 0, 0, p.dp, nullptr, tv.data());
-      la.text_v = tv.data();
+      pack_head<T>(a.text_v_src, b, h, 1, s.text, depth, 0, 0, p.dp, nullptr, tv);
+      la.text_v = tv;
       la.tv_sb = la.tv_sh = 0;
     }
     for (int64_t tr = 0; tr < tg.rows; ++tr) {
@@ -1019,19 +1037,19 @@ void backward_band(const LocalAttentionBackwardArgs& a, int64_t b, int64_t h, in
 // Whole heads per task; bands in the order the phased schedule uses (per batch: even bands,
 // then odd bands), so both schedules sum every key gradient in the same order.
 template <typename T>
-void backward_heads(const LocalAttentionBackwardArgs& a, int64_t begin, int64_t end) {
+void backward_heads(const LocalAttentionBackwardArgs& a, int64_t begin, int64_t end, void* scratch) {
   const LocalAttentionShape& s = a.shape;
   const LocalAttentionPlan& p = a.plan;
   const int64_t depth = s.head_dim, n_k = s.k_h * s.k_w;
   const int64_t bands = a.bands;
   const int64_t key_pack = s.k_h * depth * p.row_width;
-  std::vector<T> kt, vt, kr, tkt, tvt, tkr;
-  if (a.kt == nullptr) kt.resize(key_pack);
-  if (a.vt == nullptr) vt.resize(key_pack);
-  if (a.k == nullptr) kr.resize(n_k * p.dp);
-  if (s.text > 0 && a.text_kt == nullptr) tkt.resize(depth * p.tpad);
-  if (s.text > 0 && a.text_vt == nullptr) tvt.resize(depth * p.tpad);
-  if (s.text > 0 && a.text_k == nullptr) tkr.resize(s.text * p.dp);
+  ScratchCursor<T> cur{static_cast<T*>(scratch)};
+  T* kt = a.kt == nullptr ? cur.take(key_pack) : nullptr;
+  T* vt = a.vt == nullptr ? cur.take(key_pack) : nullptr;
+  T* kr = a.k == nullptr ? cur.take(n_k * p.dp) : nullptr;
+  T* tkt = s.text > 0 && a.text_kt == nullptr ? cur.take(depth * p.tpad) : nullptr;
+  T* tvt = s.text > 0 && a.text_vt == nullptr ? cur.take(depth * p.tpad) : nullptr;
+  T* tkr = s.text > 0 && a.text_k == nullptr ? cur.take(s.text * p.dp) : nullptr;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t h = a.kv_broadcast ? task : task % a.heads;
     const int64_t b_first = a.kv_broadcast ? 0 : task / a.heads;
@@ -1041,18 +1059,18 @@ void backward_heads(const LocalAttentionBackwardArgs& a, int64_t begin, int64_t 
     auto pack_kv = [&](int64_t b) {
       if (a.kt == nullptr || a.k == nullptr) {
         pack_head<T>(a.k_src, b, h, s.k_h, s.k_w, depth, p.pad, p.row_width, p.dp,
-                     a.kt == nullptr ? kt.data() : nullptr, a.k == nullptr ? kr.data() : nullptr);
+                     a.kt == nullptr ? kt : nullptr, a.k == nullptr ? kr : nullptr);
       }
       if (a.kt == nullptr) {
-        la.kt = kt.data();
+        la.kt = kt;
         la.kt_sb = la.kt_sh = 0;
       }
       if (a.vt == nullptr) {
-        pack_head<T>(a.v_src, b, h, s.k_h, s.k_w, depth, p.pad, p.row_width, p.dp, vt.data(), nullptr);
-        la.vt = vt.data();
+        pack_head<T>(a.v_src, b, h, s.k_h, s.k_w, depth, p.pad, p.row_width, p.dp, vt, nullptr);
+        la.vt = vt;
       }
       if (a.k == nullptr) {
-        la.k = kr.data();
+        la.k = kr;
         la.k_sb = la.k_sh = 0;
         la.k_sn = p.dp;
       }
@@ -1061,16 +1079,16 @@ void backward_heads(const LocalAttentionBackwardArgs& a, int64_t begin, int64_t 
       if (s.text == 0) return;
       if (a.text_kt == nullptr || a.text_k == nullptr) {
         pack_head<T>(a.text_k_src, b, h, 1, s.text, depth, 0, p.tpad, p.dp,
-                     a.text_kt == nullptr ? tkt.data() : nullptr, a.text_k == nullptr ? tkr.data() : nullptr);
+                     a.text_kt == nullptr ? tkt : nullptr, a.text_k == nullptr ? tkr : nullptr);
       }
       if (a.text_vt == nullptr) {
-        pack_head<T>(a.text_v_src, b, h, 1, s.text, depth, 0, p.tpad, p.dp, tvt.data(), nullptr);
+        pack_head<T>(a.text_v_src, b, h, 1, s.text, depth, 0, p.tpad, p.dp, tvt, nullptr);
       }
-      if (a.text_kt == nullptr) la.text_kt = tkt.data();
-      if (a.text_vt == nullptr) la.text_vt = tvt.data();
+      if (a.text_kt == nullptr) la.text_kt = tkt;
+      if (a.text_vt == nullptr) la.text_vt = tvt;
       if (a.text_kt == nullptr || a.text_vt == nullptr) la.tt_sb = la.tt_sh = 0;
       if (a.text_k == nullptr) {
-        la.text_k = tkr.data();
+        la.text_k = tkr;
         la.tk_sb = la.tk_sh = 0;
       }
     };
@@ -1102,19 +1120,26 @@ int64_t local_attention_forward_tasks(const LocalAttentionForwardArgs& args) {
   return args.batch * args.heads * (args.per_head ? 1 : tg.rows * tg.cols);
 }
 
-void local_attention_forward(const LocalAttentionForwardArgs& args, int64_t begin, int64_t end) {
+int64_t local_attention_head_scratch(const LocalAttentionShape& shape, const LocalAttentionPlan& plan,
+                                     bool backward) {
+  return shape.f64 ? head_scratch<double>(shape, plan, backward) : head_scratch<float>(shape, plan, backward);
+}
+
+void local_attention_forward(const LocalAttentionForwardArgs& args, int64_t begin, int64_t end,
+                             void* scratch) {
   if (args.shape.f64) {
-    forward_tasks<double>(args, begin, end);
+    forward_tasks<double>(args, begin, end, scratch);
   } else {
-    forward_tasks<float>(args, begin, end);
+    forward_tasks<float>(args, begin, end, scratch);
   }
 }
 
-void local_attention_backward_heads(const LocalAttentionBackwardArgs& args, int64_t begin, int64_t end) {
+void local_attention_backward_heads(const LocalAttentionBackwardArgs& args, int64_t begin, int64_t end,
+                                    void* scratch) {
   if (args.shape.f64) {
-    backward_heads<double>(args, begin, end);
+    backward_heads<double>(args, begin, end, scratch);
   } else {
-    backward_heads<float>(args, begin, end);
+    backward_heads<float>(args, begin, end, scratch);
   }
 }
 
