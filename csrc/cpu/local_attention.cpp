@@ -2,12 +2,18 @@
 //
 // This layer checks, packs keys/values once per call into the layouts the micro-kernels read
 // (csrc/cpu/kernels/local_attention.cpp), allocates, and schedules:
-//   forward:  at::parallel_for over (batch, head, query tile);
-//   backward: bands of query rows; bands two apart touch disjoint key rows, so even bands run
-//             in parallel, then odd bands (and, when k/v are batch-broadcast, batches one after
-//             another). Every key gradient is summed in a fixed order, whatever the thread count.
+//   forward:  (batch, head) tasks, or query tiles when there are few heads per thread, handed
+//             out dynamically to the threads;
+//   backward: whole heads per task (each task owns its head's key gradients) when there are
+//             enough heads per thread; otherwise bands of query rows: bands two apart touch
+//             disjoint key rows, so even bands run in parallel, then odd bands (and, when k/v are
+//             batch-broadcast, batches one after another). Both visit a head's bands in the same
+//             order, so every key gradient is summed in a fixed order, whatever the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
 #include <torch/library.h>
 
 #include "cpu/isa.h"
@@ -50,6 +56,24 @@ LocalAttentionShape make_shape(const ops::LocalAttentionDims& d, bool causal, at
   s.causal = causal;
   s.f64 = acc == at::kDouble;
   return s;
+}
+
+// Runs fn(begin, end) over [0, units) in chunks that threads take from a shared counter: on a
+// busy machine a thread that gets less CPU does less of the work. Every unit is independent and
+// its own summation order is fixed, so results do not depend on who runs what.
+template <typename Fn>
+void dynamic_for(int64_t units, const Fn& fn) {
+  if (units <= 0) return;
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunk = std::max<int64_t>(1, units / (threads * 8));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, units), 1, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t begin = next.fetch_add(chunk);
+      if (begin >= units) break;
+      fn(begin, std::min(units, begin + chunk));
+    }
+  });
 }
 
 // One slice of scratch per thread (allocated through torch, so memory profiles see it).
@@ -200,11 +224,9 @@ std::tuple<at::Tensor, at::Tensor> local_attention_cpu(const at::Tensor& q_in, c
   const int64_t tasks = COGVIEW_CPU_DISPATCH(local_attention_forward_tasks, a);
   const ThreadScratch scratch(per_head ? COGVIEW_CPU_DISPATCH(local_attention_head_scratch, shape, plan, false) : 0,
                               q.options().dtype(acc));
-  if (tasks > 0) {
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      COGVIEW_CPU_DISPATCH(local_attention_forward, a, begin, end, scratch.mine());
-    });
-  }
+  dynamic_for(tasks, [&](int64_t begin, int64_t end) {
+    COGVIEW_CPU_DISPATCH(local_attention_forward, a, begin, end, scratch.mine());
+  });
   return {out, lse};
 }
 
@@ -320,7 +342,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_att
   if (per_head) {
     const ThreadScratch scratch(COGVIEW_CPU_DISPATCH(local_attention_head_scratch, shape, plan, true),
                                 q.options().dtype(acc));
-    at::parallel_for(0, head_units, 1, [&](int64_t begin, int64_t end) {
+    dynamic_for(head_units, [&](int64_t begin, int64_t end) {
       COGVIEW_CPU_DISPATCH(local_attention_backward_heads, a, begin, end, scratch.mine());
     });
   }
@@ -333,8 +355,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_att
       const int64_t per_head = (bands - color + 1) / 2;
       const int64_t batches = serial_batches ? 1 : d.batch;
       const int64_t items = batches * d.heads * per_head;
-      if (items <= 0) continue;
-      at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      dynamic_for(items, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           const int64_t band = color + 2 * (i % per_head);
           const int64_t h = (i / per_head) % d.heads;
