@@ -195,6 +195,21 @@ def test_every_isa(isa, name):
     with cogview.ops.use_cpu_isa(isa):
         check_against_reference(CASES[name], torch.float32)
         check_against_reference(CASES[name], torch.bfloat16)
+        if name != "cross_resolution_20_to_60":
+            check_against_reference(CASES[name], torch.float64)
+
+
+def test_autocast_casts_like_sdpa():
+    cfg = CASES["causal_with_text"]
+    q, k, v, tk, tv = make_inputs(cfg, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, lse = call(local_attention, cfg, q, k.bfloat16(), v, tk, tv)  # mixed inside: all cast
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    low = [t.detach().bfloat16() for t in (q, k, v, tk, tv)]
+    expected_out, expected_lse = call(local_attention, cfg, *low)
+    assert torch.equal(out, expected_out) and torch.equal(lse, expected_lse)
+    out.float().sum().backward()  # gradients reach the float32 leaves through the casts
+    assert q.grad.dtype == torch.float32 and tk.grad.dtype == torch.float32
 
 
 def test_cpu_kernel_is_registered():

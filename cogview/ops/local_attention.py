@@ -8,9 +8,11 @@ than the window. The log-sum-exp is returned (and differentiable), so attention 
 calls — e.g. a high-resolution window and a cross-resolution window into a low-res grid — is
 merged exactly: out = (exp(lse1 - lse) * out1 + exp(lse2 - lse) * out2), lse = logaddexp(lse1, lse2).
 
-Dtypes: q, k, v, text_k and text_v share one dtype (float32, float16, bfloat16 or float64) and
-are never cast, also not inside `torch.autocast`; the kernels accumulate in float32 (float64 for
-float64) and round once. `out` has q's dtype; `lse` is float32 (float64 for float64 inputs).
+Dtypes: q, k, v, text_k and text_v share one dtype (float32, float16, bfloat16 or float64); a
+mix is an error. Inside a `torch.autocast` region of the inputs' device, like
+`scaled_dot_product_attention`, every floating input except float64 is first cast to the
+autocast dtype. The kernels accumulate in float32 (float64 for float64) and round once. `out`
+has q's dtype; `lse` is float32 (float64 for float64 inputs).
 """
 from __future__ import annotations
 
@@ -57,6 +59,14 @@ def _check_4d(name: str, t, q: torch.Tensor | None) -> None:
         )
 
 
+def _autocast(device_type: str, *tensors):
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    )
+
+
 def _finite(name: str, value) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         raise ValueError(f"cogview.ops.{_OP}: `{name}` must be a finite number, got {value!r}")
@@ -88,6 +98,8 @@ def local_attention(
     keys seen (float32; float64 for float64). Both are differentiable.
     """
     _check_4d("q", q, None)
+    if torch.is_autocast_enabled(q.device.type):
+        q, k, v, text_k, text_v = _autocast(q.device.type, q, k, v, text_k, text_v)
     _check_4d("k", k, q)
     _check_4d("v", v, q)
     if v.shape != k.shape:
