@@ -458,3 +458,28 @@ def test_op_checks_without_wrapper(args, match):
         OP(call_args["q"], call_args["k"], call_args["v"], list(call_args["grid_q"]), list(call_args["grid_kv"]),
            list(call_args["window"]), call_args["causal"], call_args["text_k"], call_args["text_v"],
            call_args["text_bias"], call_args["scale"])
+
+
+def test_strided_and_expanded_inputs():
+    """Non-unit head_dim strides and stride-0 (expanded) batches read correctly, values and grads."""
+    torch.manual_seed(7)
+    base = torch.randn(2, 3, 30, 2 * 12, dtype=torch.float64)
+    q = base[..., ::2].float().requires_grad_()  # float copy, then below strided views of leaves
+    kv_leaf = torch.randn(1, 3, 30, 24, requires_grad=True)
+    k = kv_leaf[..., ::2].expand(2, -1, -1, -1)  # stride-0 batch of a strided view
+    v = kv_leaf[..., 1::2].expand(2, -1, -1, -1)
+    t_leaf = torch.randn(2, 3, 4, 12, requires_grad=True)
+    tk, tv = t_leaf, t_leaf.flip(-1)
+    kwargs = dict(grid_q=(5, 6), grid_kv=(5, 6), window=(3, 5), text_k=tk, text_v=tv, text_bias=0.2)
+    out, lse = local_attention(q, k, v, **kwargs)
+    g = torch.randn_like(out)
+    mine = torch.autograd.grad((out * g).sum() + lse.sum(), [q, kv_leaf, t_leaf])
+    leaves = [t.detach().double().requires_grad_() for t in (q, kv_leaf, t_leaf)]
+    qd, kvd, td = leaves
+    ro, rl = reference.local_attention(qd, kvd[..., ::2].expand(2, -1, -1, -1), kvd[..., 1::2].expand(2, -1, -1, -1),
+                                       **{**kwargs, "text_k": td, "text_v": td.flip(-1)})
+    exact = torch.autograd.grad((ro * g.double()).sum() + rl.sum(), leaves)
+    torch.testing.assert_close(out.double(), ro, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), rl, rtol=1e-5, atol=1e-5)
+    for a, e in zip(mine, exact):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5)
