@@ -736,6 +736,55 @@ void load_queries(const Group& g, int64_t q_w, int64_t depth, int64_t dp, const 
 
 // ---- pack -----------------------------------------------------------------------------------------
 
+#if defined(__AVX512F__)
+// In-register transpose of a 16x16 float block (rows r[0..15] become columns).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 16; i += 8) {
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xdd);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+  }
+}
+#endif
+
+// Writes tile[c][d] (nc keys x depth, row stride depth) to out[d * row_width + c].
+template <typename T>
+void transpose_tile(const T* tile, int64_t nc, int64_t depth, T* out, int64_t row_width) {
+  int64_t d0 = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (nc == 16) {
+      __m512 r[16];
+      for (; d0 + 16 <= depth; d0 += 16) {
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(tile + i * depth + d0);
+        transpose16(r);
+        for (int j = 0; j < 16; ++j) _mm512_storeu_ps(out + (d0 + j) * row_width, r[j]);
+      }
+    }
+  }
+#endif
+  for (int64_t d = d0; d < depth; ++d) {
+    T* o = out + d * row_width;
+    for (int64_t c = 0; c < nc; ++c) o[c] = tile[c * depth + d];
+  }
+}
+
 template <typename T>
 void pack_rows(const LocalAttentionPackArgs& a, int64_t begin, int64_t end) {
   const int64_t depth = a.head_dim, esz = elem_size(a.src_type);
@@ -750,10 +799,7 @@ void pack_rows(const LocalAttentionPackArgs& a, int64_t begin, int64_t end) {
       for (int64_t c0 = 0; c0 < a.cols; c0 += kBlock) {
         const int64_t nc = std::min<int64_t>(kBlock, a.cols - c0);
         for (int64_t c = 0; c < nc; ++c) load_row(tile.data() + c * depth, src + (c0 + c) * a.sn * esz, a.src_type, depth);
-        for (int64_t d = 0; d < depth; ++d) {
-          T* out = dst + d * a.row_width + a.pad + c0;
-          for (int64_t c = 0; c < nc; ++c) out[c] = tile[c * depth + d];
-        }
+        transpose_tile(tile.data(), nc, depth, dst + a.pad + c0, a.row_width);
       }
       for (int64_t d = 0; d < depth; ++d) {
         T* out = dst + d * a.row_width;
