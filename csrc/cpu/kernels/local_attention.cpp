@@ -4,19 +4,23 @@
 // queries of one tile row see the same key rows, and their windows' columns together form one
 // `strip` of key columns (a multiple of the vector width). For a 9x9 window and 16-lane
 // vectors a tile row is 8 queries wide and its strip 16 keys wide, so one score vector covers
-// one key row of the window for all 8 queries at once. Keys are packed once per call, per key
-// row, as [head_dim][columns] ("transposed"), so the score micro-kernel reads 16 consecutive
-// keys per head_dim step and broadcasts query elements (a register-tiled GEMM of up to 8
-// queries x 3 key vectors). Scores of one group of <= 8 queries (window rows x strip + text)
-// stay in a small L1-resident buffer; the softmax over window and text keys is exact two-pass
-// over that buffer; the value pass is a second register-tiled micro-kernel (queries x head_dim
-// vectors, broadcasting probabilities). No buffer grows with the number of keys.
+// one key row of the window for all 8 queries at once. Keys are packed per key row as
+// [head_dim][columns] ("transposed"; once per call, or per head in per-task scratch), so the
+// score micro-kernel reads 16 consecutive keys per head_dim step and broadcasts query elements
+// (a register-tiled GEMM of up to 8 queries x 3 key vectors). Scores of one group of <= 8
+// queries (window rows x strip + text) stay in a small L1-resident buffer; the softmax over
+// window and text keys is exact two-pass over that buffer (vector exp, lane masks for the
+// window edges); the value pass is a second register-tiled micro-kernel (4 queries x 4 head_dim
+// vectors, broadcasting probabilities) over the union of those 4 queries' windows only.
+// Nothing grows with the number of queries or keys beyond the packed copies of k and v.
 //
-// Backward (per band of query rows, owned by one task): recomputes the probabilities from the
-// forward's log-sum-exp, dP = dO.V^T with the same score kernel over transposed V, dS, and three
-// rank updates: dV += P^T dO and dK += dS^T (q * scale) into accumulator rows, dQ = dS K.
-// Bands two apart never touch the same key rows, so the torch layer runs even bands, then odd
-// bands, each in parallel, without races and with a fixed summation order.
+// Backward (one band of query rows per call): recomputes P from the forward's log-sum-exp,
+// dP = dO.V^T with the same score kernel over transposed V, dS = P * (dP - (sum P dP - dlse)),
+// and three register-tiled passes: dV += P^T dO and dK += dS^T (q * scale) into accumulator
+// rows (rank-4 updates), dQ = scale * dS K. Bands two apart never touch the same key rows; the
+// torch layer either gives each task whole heads (bands in order: even, then odd) or runs all
+// even bands in parallel, then all odd ones. Either way no two threads write one key row and
+// every key gradient is summed in the same order.
 #include <algorithm>
 #include <array>
 #include <bit>
