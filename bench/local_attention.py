@@ -105,9 +105,12 @@ def candidates(args, batch, side, window, causal, mode, flex):
     if flex:
         from torch.nn.attention.flex_attention import flex_attention
 
+        # A fresh compile per configuration: otherwise dynamo's recompile limit is reached after
+        # 8 configurations and flex_attention silently falls back to its unfused eager path.
         # Static shapes: after a shape change dynamo would go dynamic, and inductor's CPU flex
         # template then fails to compile (torch 2.13).
-        flex_fn = torch.compile(flex_attention, dynamic=False)
+        torch._dynamo.reset()
+        flex_fn = torch.compile(flex_attention, dynamic=False, fullgraph=True)
 
     if mode == "fwd":
         fns = {
