@@ -60,6 +60,8 @@ def bench_case(rows, hidden, dtype, mode, args, compile_it):
     device = args.device
     grad = mode == "fwd+bwd"
     inputs = _inputs(rows, hidden, dtype, device, grad)
+    if compile_it:  # a fresh dynamo state per case: one static graph each, no recompile limit
+        torch._dynamo.reset()
     compiled = torch.compile(eager_sandwich, fullgraph=True, dynamic=False) if compile_it else None
     if grad:
         grads = [torch.randn(rows, hidden, device=device, dtype=dtype) for _ in range(2)]

@@ -36,6 +36,16 @@ TORCH_LIBRARY(cogview, m) {
   m.def("sample_tokens(Tensor logits, Tensor seed, Tensor offset, Tensor? temperature=None,"
         " Tensor? top_k=None, Tensor? top_p=None, float temperature_value=1.0, int top_k_value=0,"
         " float top_p_value=1.0, int vocab_lo=0, int vocab_hi=-1, Tensor(a!)? invalid=None) -> Tensor");
+  // Local (2D neighbourhood) attention with optional joint text keys (CogView2). `lse` is the
+  // natural log of the softmax denominator per query (float32; float64 for float64 inputs).
+  m.def("local_attention(Tensor q, Tensor k, Tensor v, int[2] grid_q, int[2] grid_kv, int[2] window,"
+        " bool causal=False, Tensor? text_k=None, Tensor? text_v=None, float text_bias=0.0,"
+        " float scale=1.0) -> (Tensor out, Tensor lse)");
+  // dtext_k / dtext_v are empty (0 elements) when no text keys were given.
+  m.def("local_attention_backward(Tensor? grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v,"
+        " Tensor out, Tensor lse, int[2] grid_q, int[2] grid_kv, int[2] window, bool causal,"
+        " Tensor? text_k, Tensor? text_v, float text_bias, float scale)"
+        " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dtext_k, Tensor dtext_v)");
 }
 
 namespace {

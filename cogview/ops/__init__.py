@@ -7,6 +7,7 @@ input's device, and otherwise computes through its plain-PyTorch twin in
 from cogview.ops._registry import KERNELS, cpu_isa, force_reference, has_kernel, use_cpu_isa, usable_cpu_isas
 from cogview.ops.decoding import decode_attention, kv_cache_write
 from cogview.ops.layer_norm import add_layer_norm, layer_norm
+from cogview.ops.local_attention import local_attention
 from cogview.ops.sampling import sample_tokens
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "kv_cache_write",
     "decode_attention",
     "sample_tokens",
+    "local_attention",
     "KERNELS",
     "has_kernel",
     "force_reference",

@@ -212,3 +212,63 @@ def sample_tokens(logits, *, temperature=1.0, top_k=0, top_p=1.0, vocab_range=No
     if invalid is not None:
         invalid.logical_or_(bad)
     return token
+
+
+# ---------------------------------------------------------------------------------------------
+# Local (2D neighbourhood) attention with joint text keys (CogView2)
+# ---------------------------------------------------------------------------------------------
+
+
+def local_attention_mask(grid_q, grid_kv, window, causal=False, device=None) -> torch.Tensor:
+    """Boolean [Hq*Wq, Hk*Wk] mask: True where query (raster index) sees key (raster index).
+
+    Query (h, w) sees the kh x kw keys centred on (h // (Hq/Hk), w // (Wq/Wk)) that lie inside
+    the key grid. Keys outside the grid are excluded exactly (the original CUDA kernel gave
+    them the score -10000 instead, so they kept a tiny weight on small grids). With `causal`
+    (same grid only) a query sees only the window keys at or before itself in raster order.
+    """
+    (hq, wq), (hk, wk), (kh, kw) = grid_q, grid_kv, window
+    qi = torch.arange(hq * wq, device=device)
+    ki = torch.arange(hk * wk, device=device)
+    base_h = (qi // wq) // (hq // hk)
+    base_w = (qi % wq) // (wq // wk)
+    key_h, key_w = ki // wk, ki % wk
+    mask = ((key_h[None, :] - base_h[:, None]).abs() <= kh // 2) & (
+        (key_w[None, :] - base_w[:, None]).abs() <= kw // 2
+    )
+    if causal:
+        mask &= ki[None, :] <= qi[:, None]
+    return mask
+
+
+def local_attention(q, k, v, *, grid_q, grid_kv, window, causal=False, text_k=None, text_v=None,
+                    text_bias=0.0, scale=None):
+    """Attention of every query over its local window of keys plus all text keys, in ONE softmax.
+
+    q [B, heads, Hq*Wq, d]; k, v [B or 1, heads, Hk*Wk, d]; text_k, text_v [B or 1, heads, T, d].
+    logit = (q . k) * scale, plus `text_bias` for text keys; scale defaults to d**-0.5.
+    Returns (out [B, heads, Hq*Wq, d] in q's dtype, lse [B, heads, Hq*Wq]): lse is the natural
+    log of the sum of exp(logit) over every key the query sees, in float32 (float64 for float64
+    inputs). Dense and plain: it builds the full [Hq*Wq, Hk*Wk] logits.
+    """
+    acc = _accumulator(q)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    batch = q.shape[0]
+    qf = q.to(acc)
+    kf = k.to(acc).expand(batch, *k.shape[1:])
+    vf = v.to(acc).expand(batch, *v.shape[1:])
+    mask = local_attention_mask(grid_q, grid_kv, window, causal, device=q.device)
+    logits = (qf @ kf.transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~mask, float("-inf"))
+    values = vf
+    if text_k is not None:
+        tk = text_k.to(acc).expand(batch, *text_k.shape[1:])
+        tv = text_v.to(acc).expand(batch, *text_v.shape[1:])
+        text_logits = (qf @ tk.transpose(-1, -2)) * scale + text_bias
+        logits = torch.cat([text_logits, logits], dim=-1)
+        values = torch.cat([tv, vf], dim=-2)
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.exp(logits - lse.unsqueeze(-1))
+    out = probs @ values
+    return out.to(q.dtype), lse

@@ -119,6 +119,117 @@ struct SampleTokensArgs {
   bool* invalid = nullptr;    // [rows] or nullptr; set to true for rows with no finite allowed logit
 };
 
+// ---- Local (2D neighbourhood) attention with joint text keys -------------------------------
+// Geometry of one call. Queries lie on a grid_h x grid_w raster (`q_h` x `q_w`), keys on a
+// `k_h` x `k_w` raster with q_h % k_h == 0 and q_w % k_w == 0; the window of query (y, x) is the
+// win_h x win_w block of keys centred on (y / (q_h / k_h), x / (q_w / k_w)), clipped to the grid
+// (and, when causal, to keys at or before the query in raster order).
+struct LocalAttentionShape {
+  int64_t q_h = 0, q_w = 0, k_h = 0, k_w = 0, win_h = 0, win_w = 0;
+  int64_t head_dim = 0, text = 0;  // head_dim d, number of text keys T
+  bool causal = false;
+  bool f64 = false;  // accumulate in double (float64 inputs), else float
+};
+
+// Blocking chosen by the active ISA (it depends on the vector width), so the torch layer can
+// size the packed buffers the kernels read.
+struct LocalAttentionPlan {
+  int64_t lanes = 0;      // accumulator elements per vector register
+  int64_t strip = 0;      // key columns a query tile reads per key row (multiple of lanes)
+  int64_t tile_w = 0;     // query columns per tile (multiple of q_w / k_w)
+  int64_t tile_h = 0;     // query rows per forward task
+  int64_t pad = 0;        // zero columns left of key column 0 in the transposed layout
+  int64_t row_width = 0;  // columns per head_dim row of one key row in the transposed layout
+  int64_t dp = 0;         // head_dim rounded up to lanes (row-major packed rows)
+  int64_t tpad = 0;       // text keys rounded up to lanes
+  int64_t band_h = 0;     // query rows per backward band (bands two apart touch disjoint keys)
+};
+
+// Packs `src` [batch, heads, rows * cols, head_dim] (element strides sb/sh/sn, unit stride on
+// head_dim) into accumulator-type buffers (either pointer may be null):
+//   transposed [batch, heads, rows, head_dim, row_width]: key (r, c) at column pad + c, zeros
+//              elsewhere; the layout the score micro-kernels read 16 (lanes) keys at a time;
+//   rowmajor   [batch, heads, rows * cols, dp], zero-padded beyond head_dim.
+struct LocalAttentionPackArgs {
+  int64_t batch = 0, heads = 0, rows = 0, cols = 0, head_dim = 0;
+  const void* src = nullptr;
+  ElemType src_type = ElemType::f32;
+  int64_t sb = 0, sh = 0, sn = 0;
+  void* transposed = nullptr;
+  int64_t pad = 0, row_width = 0;
+  void* rowmajor = nullptr;
+  int64_t dp = 0;
+  bool f64 = false;
+};
+
+// An input as given: element type and element strides (unit stride on head_dim; sb = 0
+// broadcasts a batch-1 tensor).
+struct LocalAttentionSource {
+  const void* data = nullptr;
+  ElemType type = ElemType::f32;
+  int64_t sb = 0, sh = 0, sn = 0;
+};
+
+// Strides below are in elements; a zero batch stride broadcasts a batch-1 tensor.
+// Packed inputs (kt, v, text_kt, text_v; in the backward also vt, k, text_vt, text_k) may be
+// null: with `per_head`, each task then packs its own head from the sources into scratch.
+struct LocalAttentionForwardArgs {
+  LocalAttentionShape shape;
+  LocalAttentionPlan plan;
+  int64_t batch = 0, heads = 0;
+  const void* q = nullptr;  // [batch, heads, q_h * q_w, head_dim]
+  ElemType q_type = ElemType::f32;
+  int64_t q_sb = 0, q_sh = 0, q_sn = 0;
+  const void* kt = nullptr;  // transposed pack of k
+  int64_t kt_sb = 0, kt_sh = 0;
+  const void* v = nullptr;  // accumulator-type rows of v, >= dp readable elements per row
+  int64_t v_sb = 0, v_sh = 0, v_sn = 0;
+  const void* text_kt = nullptr;  // transposed pack of text_k (one row of T columns)
+  int64_t tk_sb = 0, tk_sh = 0;
+  const void* text_v = nullptr;  // row-major pack of text_v [.., T, dp]
+  int64_t tv_sb = 0, tv_sh = 0;
+  LocalAttentionSource k_src, v_src, text_k_src, text_v_src;
+  // Tasks: per_head -> one (batch, head) each, packing what is null; else one query tile each.
+  bool per_head = false;
+  double scale = 1.0, text_bias = 0.0;
+  void* out = nullptr;  // contiguous [batch, heads, q_h * q_w, head_dim], q_type
+  void* lse = nullptr;  // contiguous accumulator [batch, heads, q_h * q_w]
+};
+
+struct LocalAttentionBackwardArgs {
+  LocalAttentionShape shape;
+  LocalAttentionPlan plan;
+  int64_t batch = 0, heads = 0;
+  const void* q = nullptr;
+  ElemType q_type = ElemType::f32;
+  int64_t q_sb = 0, q_sh = 0, q_sn = 0;
+  const void* grad_out = nullptr;  // may be null (no gradient reached `out`)
+  ElemType grad_out_type = ElemType::f32;
+  int64_t go_sb = 0, go_sh = 0, go_sn = 0;
+  const void* lse = nullptr;       // contiguous accumulator [batch, heads, n_q]
+  const void* grad_lse = nullptr;  // contiguous accumulator [batch, heads, n_q], may be null
+  const void* kt = nullptr;        // transposed packs of k and v
+  const void* vt = nullptr;
+  int64_t kt_sb = 0, kt_sh = 0;    // shared by kt and vt
+  const void* k = nullptr;         // accumulator-type rows of k (>= dp readable per row)
+  int64_t k_sb = 0, k_sh = 0, k_sn = 0;
+  const void* text_kt = nullptr;   // transposed packs of text_k / text_v, row-major text_k
+  const void* text_vt = nullptr;
+  int64_t tt_sb = 0, tt_sh = 0;
+  const void* text_k = nullptr;
+  int64_t tk_sb = 0, tk_sh = 0;
+  LocalAttentionSource k_src, v_src, text_k_src, text_v_src;
+  double scale = 1.0, text_bias = 0.0;
+  void* grad_q = nullptr;   // contiguous [batch, heads, n_q, head_dim], q_type
+  void* grad_k = nullptr;   // accumulator [k_batch, heads, n_k, dp], zeroed, accumulated into
+  void* grad_v = nullptr;
+  int64_t gk_sb = 0, gk_sh = 0;  // shared by grad_k and grad_v
+  bool kv_broadcast = false;  // k/v have batch 1 while q has more: grad_k/grad_v sum over batch
+  void* grad_text_k = nullptr;  // accumulator partials [batch, heads, bands, T, dp], zeroed
+  void* grad_text_v = nullptr;
+  int64_t bands = 0;
+};
+
 #define COGVIEW_CPU_KERNEL_DECLARATIONS                                                           \
   /* Forward over rows [begin, end). */                                                           \
   void layer_norm_forward(const LayerNormForwardArgs& args, int64_t begin, int64_t end);          \
@@ -134,7 +245,24 @@ struct SampleTokensArgs {
   void decode_attention_merge(const DecodeAttentionArgs& args, const int64_t* pairs,              \
                               int64_t begin, int64_t end);                                        \
   /* sample_tokens over rows [begin, end). */                                                     \
-  void sample_tokens(const SampleTokensArgs& args, int64_t begin, int64_t end);
+  void sample_tokens(const SampleTokensArgs& args, int64_t begin, int64_t end); \
+  /* Local attention: blocking for this ISA; packing of (batch, head, row) items [begin, end); */ \
+  /* forward over tasks [begin, end) (see local_attention_forward_tasks); backward of one     */ \
+  /* (batch, head, band): it accumulates into the grad_k/grad_v rows that band touches.       */ \
+  LocalAttentionPlan local_attention_plan(const LocalAttentionShape& shape);                \
+  void local_attention_pack(const LocalAttentionPackArgs& args, int64_t begin, int64_t end); \
+  int64_t local_attention_forward_tasks(const LocalAttentionForwardArgs& args);             \
+  /* Accumulator elements of per-task scratch for packing one head (per_head schedules). */  \
+  int64_t local_attention_head_scratch(const LocalAttentionShape& shape,                    \
+                                       const LocalAttentionPlan& plan, bool backward);      \
+  void local_attention_forward(const LocalAttentionForwardArgs& args, int64_t begin, int64_t end, \
+                               void* scratch);                                              \
+  void local_attention_backward(const LocalAttentionBackwardArgs& args, int64_t b, int64_t h, \
+                                int64_t band);                                              \
+  /* Backward of whole heads: task i is head i % heads of batch i / heads, or, when k/v are */ \
+  /* batch-broadcast, head i of every batch; null packed inputs are packed per head.        */ \
+  void local_attention_backward_heads(const LocalAttentionBackwardArgs& args, int64_t begin, \
+                                      int64_t end, void* scratch);
 
 namespace baseline { COGVIEW_CPU_KERNEL_DECLARATIONS }
 namespace avx2 { COGVIEW_CPU_KERNEL_DECLARATIONS }

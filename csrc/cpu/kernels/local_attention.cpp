@@ -1,0 +1,1205 @@
+// Local (2D neighbourhood) attention with joint text keys: compiled once per ISA, see kernels.h.
+//
+// Blocking. A tile is a rectangle of neighbouring queries: tile_h rows by tile_w columns. All
+// queries of one tile row see the same key rows, and their windows' columns together form one
+// `strip` of key columns (a multiple of the vector width). For a 9x9 window and 16-lane
+// vectors a tile row is 8 queries wide and its strip 16 keys wide, so one score vector covers
+// one key row of the window for all 8 queries at once. Keys are packed per key row as
+// [head_dim][columns] ("transposed"; once per call, or per head in per-task scratch), so the
+// score micro-kernel reads 16 consecutive keys per head_dim step and broadcasts query elements
+// (a register-tiled GEMM of up to 8 queries x 3 key vectors). Scores of one group of <= 8
+// queries (window rows x strip + text) stay in a small L1-resident buffer; the softmax over
+// window and text keys is exact two-pass over that buffer (vector exp, lane masks for the
+// window edges); the value pass is a second register-tiled micro-kernel (4 queries x 4 head_dim
+// vectors, broadcasting probabilities) over the union of those 4 queries' windows only.
+// Nothing grows with the number of queries or keys beyond the packed copies of k and v.
+//
+// Backward (one band of query rows per call): recomputes P from the forward's log-sum-exp,
+// dP = dO.V^T with the same score kernel over transposed V, dS = P * (dP - (sum P dP - dlse)),
+// and three register-tiled passes: dV += P^T dO and dK += dS^T (q * scale) into accumulator
+// rows (rank-4 updates), dQ = scale * dS K. Bands two apart never touch the same key rows; the
+// torch layer either gives each task whole heads (bands in order: even, then odd) or runs all
+// even bands in parallel, then all odd ones. Either way no two threads write one key row and
+// every key gradient is summed in the same order.
+#include <algorithm>
+#include <array>
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "cpu/kernels/kernels.h"
+
+namespace cogview::cpu::COGVIEW_ISA {
+namespace {
+
+// ---- exp ----------------------------------------------------------------------------------------
+// exp for the softmax, written so `#pragma omp simd` loops vectorize it (no libm call): Cody-Waite
+// reduction x = n ln2 + r, |r| <= ln2/2, and a degree-7 Taylor polynomial (relative error
+// below 1e-8, under one float ulp). Inputs below -87 give about 1e-38 instead of a denormal;
+// masked entries never reach it (they are selected to 0 separately).
+inline float exp_acc(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = x - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187045e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  return p * std::bit_cast<float>(bits);
+}
+inline double exp_acc(double x) { return std::exp(x); }
+
+// ---- vector registers -------------------------------------------------------------------------
+// Vec<T>::R is one register of L accumulator elements; the micro-kernels use only these five
+// operations, so the same templates serve AVX-512, AVX2 and the portable baseline.
+
+template <typename T, int N>
+struct PortableVec {
+  static constexpr int L = N;
+  struct R {
+    T v[N];
+  };
+  static R zero() {
+    R r;
+    for (int i = 0; i < N; ++i) r.v[i] = T(0);
+    return r;
+  }
+  static R load(const T* p) {
+    R r;
+    for (int i = 0; i < N; ++i) r.v[i] = p[i];
+    return r;
+  }
+  static void store(T* p, R a) {
+    for (int i = 0; i < N; ++i) p[i] = a.v[i];
+  }
+  static R set1(T x) {
+    R r;
+    for (int i = 0; i < N; ++i) r.v[i] = x;
+    return r;
+  }
+  static R fma(R a, R b, R c) {
+    for (int i = 0; i < N; ++i) c.v[i] += a.v[i] * b.v[i];
+    return c;
+  }
+  static R mul(R a, R b) {
+    for (int i = 0; i < N; ++i) a.v[i] *= b.v[i];
+    return a;
+  }
+  static R add(R a, R b) {
+    for (int i = 0; i < N; ++i) a.v[i] += b.v[i];
+    return a;
+  }
+  static R sub(R a, R b) {
+    for (int i = 0; i < N; ++i) a.v[i] -= b.v[i];
+    return a;
+  }
+  static R max(R a, R b) {
+    for (int i = 0; i < N; ++i) a.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i];
+    return a;
+  }
+  static T hmax(R a) {
+    T m = a.v[0];
+    for (int i = 1; i < N; ++i) m = a.v[i] > m ? a.v[i] : m;
+    return m;
+  }
+  static T hsum(R a) {
+    T m = a.v[0];
+    for (int i = 1; i < N; ++i) m += a.v[i];
+    return m;
+  }
+  // Lanes i with lo <= i < hi keep x, the others get `fill`.
+  static R keep(R x, int64_t lo, int64_t hi, R fill) {
+    for (int i = 0; i < N; ++i) x.v[i] = (i >= lo && i < hi) ? x.v[i] : fill.v[i];
+    return x;
+  }
+  static R exp(R x) {
+    for (int i = 0; i < N; ++i) x.v[i] = exp_acc(x.v[i]);
+    return x;
+  }
+};
+
+template <typename T>
+struct Vec;
+
+// Bit mask of lanes [lo, hi) within a vector of `lanes` lanes (lo, hi may lie outside it).
+inline uint32_t lane_range_mask(int64_t lo, int64_t hi, int lanes) {
+  const int64_t a = std::clamp<int64_t>(lo, 0, lanes), b = std::clamp<int64_t>(hi, 0, lanes);
+  if (b <= a) return 0u;
+  const uint32_t upto_b = b >= 32 ? 0xffffffffu : ((1u << b) - 1u);
+  return upto_b & ~((1u << a) - 1u);
+}
+
+#if defined(__AVX512F__)
+template <>
+struct Vec<float> {
+  static constexpr int L = 16;
+  using R = __m512;
+  static R zero() { return _mm512_setzero_ps(); }
+  static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, R a) { _mm512_storeu_ps(p, a); }
+  static R set1(float x) { return _mm512_set1_ps(x); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  static R max(R a, R b) { return _mm512_max_ps(a, b); }
+  static float hmax(R a) { return _mm512_reduce_max_ps(a); }
+  static float hsum(R a) { return _mm512_reduce_add_ps(a); }
+  static R keep(R x, int64_t lo, int64_t hi, R fill) {
+    return _mm512_mask_blend_ps(lane_range_mask(lo, hi, L), fill, x);
+  }
+  // exp_acc's algorithm on 16 lanes; scalef applies 2^n.
+  static R exp(R x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    const R n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    R r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    R p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+  }
+};
+template <>
+struct Vec<double> {
+  static constexpr int L = 8;
+  using R = __m512d;
+  static R zero() { return _mm512_setzero_pd(); }
+  static R load(const double* p) { return _mm512_loadu_pd(p); }
+  static void store(double* p, R a) { _mm512_storeu_pd(p, a); }
+  static R set1(double x) { return _mm512_set1_pd(x); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
+  static R mul(R a, R b) { return _mm512_mul_pd(a, b); }
+  static R add(R a, R b) { return _mm512_add_pd(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_pd(a, b); }
+  static R max(R a, R b) { return _mm512_max_pd(a, b); }
+  static double hmax(R a) { return _mm512_reduce_max_pd(a); }
+  static double hsum(R a) { return _mm512_reduce_add_pd(a); }
+  static R keep(R x, int64_t lo, int64_t hi, R fill) {
+    return _mm512_mask_blend_pd(static_cast<__mmask8>(lane_range_mask(lo, hi, L)), fill, x);
+  }
+  static R exp(R x) {
+    alignas(64) double t[8];
+    _mm512_store_pd(t, x);
+    for (double& e : t) e = std::exp(e);
+    return _mm512_load_pd(t);
+  }
+};
+// 32 registers: scores 8 queries x 3 key vectors (24 accumulators); value pass and rank
+// updates 4 queries x 4 head_dim vectors (16 accumulators).
+constexpr int kScoreM = 8, kScoreNV = 3, kPvM = 4, kPvNDV = 4;
+#elif defined(__AVX2__)
+// Lanes [lo, hi) of 8 as an all-ones int32 vector mask.
+inline __m256i lane_range_mask256(int64_t lo, int64_t hi, int lanes) {
+  alignas(32) static const int32_t table[24] = {0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1,
+                                                -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  const int64_t a = std::clamp<int64_t>(lo, 0, lanes), b = std::clamp<int64_t>(hi, 0, lanes);
+  const __m256i from_a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table + 8 - a));
+  const __m256i below_b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table + 16 - b));
+  return _mm256_and_si256(from_a, below_b);
+}
+template <>
+struct Vec<float> {
+  static constexpr int L = 8;
+  using R = __m256;
+  static R zero() { return _mm256_setzero_ps(); }
+  static R load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, R a) { _mm256_storeu_ps(p, a); }
+  static R set1(float x) { return _mm256_set1_ps(x); }
+  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  static R max(R a, R b) { return _mm256_max_ps(a, b); }
+  static float hmax(R a) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+  }
+  static float hsum(R a) {
+    __m128 m = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_add_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+  }
+  static R keep(R x, int64_t lo, int64_t hi, R fill) {
+    return _mm256_blendv_ps(fill, x, _mm256_castsi256_ps(lane_range_mask256(lo, hi, L)));
+  }
+  static R exp(R x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const R n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    R r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+    R p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
+};
+template <>
+struct Vec<double> {
+  static constexpr int L = 4;
+  using R = __m256d;
+  static R zero() { return _mm256_setzero_pd(); }
+  static R load(const double* p) { return _mm256_loadu_pd(p); }
+  static void store(double* p, R a) { _mm256_storeu_pd(p, a); }
+  static R set1(double x) { return _mm256_set1_pd(x); }
+  static R fma(R a, R b, R c) { return _mm256_fmadd_pd(a, b, c); }
+  static R mul(R a, R b) { return _mm256_mul_pd(a, b); }
+  static R add(R a, R b) { return _mm256_add_pd(a, b); }
+  static R sub(R a, R b) { return _mm256_sub_pd(a, b); }
+  static R max(R a, R b) { return _mm256_max_pd(a, b); }
+  static double hmax(R a) {
+    alignas(32) double t[4];
+    _mm256_store_pd(t, a);
+    return std::max(std::max(t[0], t[1]), std::max(t[2], t[3]));
+  }
+  static double hsum(R a) {
+    alignas(32) double t[4];
+    _mm256_store_pd(t, a);
+    return (t[0] + t[1]) + (t[2] + t[3]);
+  }
+  static R keep(R x, int64_t lo, int64_t hi, R fill) {
+    alignas(32) double t[4], f[4];
+    _mm256_store_pd(t, x);
+    _mm256_store_pd(f, fill);
+    for (int i = 0; i < 4; ++i) t[i] = (i >= lo && i < hi) ? t[i] : f[i];
+    return _mm256_load_pd(t);
+  }
+  static R exp(R x) {
+    alignas(32) double t[4];
+    _mm256_store_pd(t, x);
+    for (double& e : t) e = std::exp(e);
+    return _mm256_load_pd(t);
+  }
+};
+// 16 registers: scores 4 x 2 (8 accumulators), value pass / rank updates 4 x 2.
+constexpr int kScoreM = 4, kScoreNV = 2, kPvM = 4, kPvNDV = 2;
+#else
+template <>
+struct Vec<float> : PortableVec<float, 4> {};
+template <>
+struct Vec<double> : PortableVec<double, 2> {};
+constexpr int kScoreM = 4, kScoreNV = 2, kPvM = 2, kPvNDV = 2;
+#endif
+
+// Queries per group: the scores of one group live in one small buffer.
+constexpr int64_t kGroup = 8;
+
+// ---- micro-kernels ------------------------------------------------------------------------------
+
+// Scores: for m < M queries and NV key vectors,
+//   s[m * sld + soff[j] + lane] = sum_dd q[m * qld + dd] * kp[j][dd * kstride + lane].
+template <typename T, int M, int NV>
+void score_tile(const T* __restrict q, int64_t qld, int64_t depth, const T* const* kp,
+                int64_t kstride, T* __restrict s, int64_t sld, const int64_t* soff) {
+  using V = Vec<T>;
+  typename V::R acc[M][NV];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) {
+#pragma GCC unroll 3
+    for (int j = 0; j < NV; ++j) acc[m][j] = V::zero();
+  }
+  const T* k[NV];
+  for (int j = 0; j < NV; ++j) k[j] = kp[j];
+  for (int64_t dd = 0; dd < depth; ++dd) {
+    typename V::R kv[NV];
+#pragma GCC unroll 3
+    for (int j = 0; j < NV; ++j) kv[j] = V::load(k[j] + dd * kstride);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const typename V::R qb = V::set1(q[m * qld + dd]);
+#pragma GCC unroll 3
+      for (int j = 0; j < NV; ++j) acc[m][j] = V::fma(qb, kv[j], acc[m][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) {
+#pragma GCC unroll 3
+    for (int j = 0; j < NV; ++j) V::store(s + m * sld + soff[j], acc[m][j]);
+  }
+}
+
+// A run of consecutive keys: key i has its row at base + i * stride and its coefficient for
+// query m at coef[m * cld + col + i].
+template <typename T>
+struct Segment {
+  const T* base;
+  int64_t stride;
+  int64_t col;
+  int64_t n;
+};
+template <typename T>
+struct WSegment {
+  T* base;
+  int64_t stride;
+  int64_t col;
+  int64_t n;
+};
+
+// Weighted sum of key rows: for m < M and head_dim vectors [d0, d0 + NDV*L),
+//   o[m * old + d] = oscale[m] * sum_segments sum_i coef[m * cld + col + i] * row_i[d].
+template <typename T, int M, int NDV>
+void combine_tile(const Segment<T>* segs, int nseg, const T* __restrict coef, int64_t cld,
+                  int64_t d0, const T* oscale, T* __restrict o, int64_t old) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  typename V::R acc[M][NDV];
+#pragma GCC unroll 4
+  for (int m = 0; m < M; ++m) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NDV; ++j) acc[m][j] = V::zero();
+  }
+  for (int g = 0; g < nseg; ++g) {
+    const Segment<T>& sg = segs[g];
+    const T* row = sg.base + d0;
+    const T* c = coef + sg.col;
+    for (int64_t i = 0; i < sg.n; ++i, row += sg.stride) {
+      typename V::R vv[NDV];
+#pragma GCC unroll 4
+      for (int j = 0; j < NDV; ++j) vv[j] = V::load(row + j * L);
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) {
+        const typename V::R p = V::set1(c[m * cld + i]);
+#pragma GCC unroll 4
+        for (int j = 0; j < NDV; ++j) acc[m][j] = V::fma(p, vv[j], acc[m][j]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < M; ++m) {
+    const typename V::R sc = V::set1(oscale[m]);
+#pragma GCC unroll 4
+    for (int j = 0; j < NDV; ++j) V::store(o + m * old + d0 + j * L, V::mul(acc[m][j], sc));
+  }
+}
+
+// Rank-M update of key rows: row_i[d] += sum_m coef[m * cld + col + i] * src[m * sld + d] for
+// head_dim vectors [d0, d0 + NDV*L). `src` rows stay in registers.
+template <typename T, int M, int NDV>
+void update_tile(const WSegment<T>* segs, int nseg, const T* __restrict coef, int64_t cld,
+                 const T* __restrict src, int64_t sld, int64_t d0) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  typename V::R x[M][NDV];
+#pragma GCC unroll 4
+  for (int m = 0; m < M; ++m) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NDV; ++j) x[m][j] = V::load(src + m * sld + d0 + j * L);
+  }
+  for (int g = 0; g < nseg; ++g) {
+    const WSegment<T>& sg = segs[g];
+    T* row = sg.base + d0;
+    const T* c = coef + sg.col;
+    for (int64_t i = 0; i < sg.n; ++i, row += sg.stride) {
+      typename V::R a[NDV];
+#pragma GCC unroll 4
+      for (int j = 0; j < NDV; ++j) a[j] = V::load(row + j * L);
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) {
+        const typename V::R p = V::set1(c[m * cld + i]);
+#pragma GCC unroll 4
+        for (int j = 0; j < NDV; ++j) a[j] = V::fma(p, x[m][j], a[j]);
+      }
+#pragma GCC unroll 4
+      for (int j = 0; j < NDV; ++j) V::store(row + j * L, a[j]);
+    }
+  }
+}
+
+// Function tables over the compile-time tile shapes, indexed [(M - 1) * N + (N' - 1)].
+template <typename T>
+using ScoreFn = void (*)(const T*, int64_t, int64_t, const T* const*, int64_t, T*, int64_t,
+                         const int64_t*);
+template <typename T>
+using CombineFn = void (*)(const Segment<T>*, int, const T*, int64_t, int64_t, const T*, T*, int64_t);
+template <typename T>
+using UpdateFn = void (*)(const WSegment<T>*, int, const T*, int64_t, const T*, int64_t, int64_t);
+
+template <typename T, std::size_t... I>
+constexpr std::array<ScoreFn<T>, sizeof...(I)> score_table(std::index_sequence<I...>) {
+  return {&score_tile<T, static_cast<int>(I) / kScoreNV + 1, static_cast<int>(I) % kScoreNV + 1>...};
+}
+template <typename T, std::size_t... I>
+constexpr std::array<CombineFn<T>, sizeof...(I)> combine_table(std::index_sequence<I...>) {
+  return {&combine_tile<T, static_cast<int>(I) / kPvNDV + 1, static_cast<int>(I) % kPvNDV + 1>...};
+}
+template <typename T, std::size_t... I>
+constexpr std::array<UpdateFn<T>, sizeof...(I)> update_table(std::index_sequence<I...>) {
+  return {&update_tile<T, static_cast<int>(I) / kPvNDV + 1, static_cast<int>(I) % kPvNDV + 1>...};
+}
+
+template <typename T>
+void score(int m, int nv, const T* q, int64_t qld, int64_t depth, const T* const* kp,
+           int64_t kstride, T* s, int64_t sld, const int64_t* soff) {
+  static constexpr auto table = score_table<T>(std::make_index_sequence<kScoreM * kScoreNV>{});
+  table[(m - 1) * kScoreNV + (nv - 1)](q, qld, depth, kp, kstride, s, sld, soff);
+}
+
+// ---- geometry -----------------------------------------------------------------------------------
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+LocalAttentionPlan make_plan(const LocalAttentionShape& s) {
+  const int64_t lanes = s.f64 ? Vec<double>::L : Vec<float>::L;
+  LocalAttentionPlan p;
+  p.lanes = lanes;
+  const int64_t sw = s.q_w / s.k_w, sh = s.q_h / s.k_h;
+  // At least 4 base columns per tile, so a group fills its score registers.
+  p.strip = round_up(s.win_w + 3, lanes);
+  p.tile_w = (p.strip - s.win_w + 1) * sw;
+  p.tile_h = 8;
+  p.pad = s.win_w / 2;
+  p.row_width = p.pad + s.k_w + p.strip;
+  const int64_t elem = s.f64 ? 8 : 4;
+  // A power-of-two row stride maps every head_dim step of a strip onto the same cache sets.
+  if ((p.row_width * elem) % 512 == 0) p.row_width += lanes;
+  p.dp = round_up(s.head_dim, lanes);
+  p.tpad = round_up(s.text, lanes);
+  p.band_h = std::max<int64_t>(s.win_h, 4) * sh;
+  return p;
+}
+
+// One group: <= kGroup consecutive queries of one query row, inside one tile column.
+struct Group {
+  int64_t row;      // query row
+  int64_t col;      // first query column
+  int64_t count;    // queries
+  int64_t c0;       // key column of strip column 0 (may be negative)
+  int64_t r_lo;     // first key row
+  int64_t nr;       // key rows
+  bool causal_last; // the last key row is the query's own row (causal): columns end at the query
+  int64_t lo[kGroup], hi[kGroup], hi_last[kGroup];  // valid strip columns per query
+};
+
+// The union of the strip columns that queries [m0, m0 + mm) of a group see: [lo, hi) in every
+// window row but the causal last one, [lo, hi_last) there. The value pass and the rank updates
+// run over it per register block of queries (12 columns for 4 queries and a 9-wide window,
+// where the whole group of 8 spans 16).
+struct BlockCols {
+  int64_t lo, hi, hi_last;
+};
+
+Group make_group(const LocalAttentionShape& s, int64_t c0, int64_t row, int64_t col, int64_t count) {
+  const int64_t sh = s.q_h / s.k_h, sw = s.q_w / s.k_w;
+  const int64_t rh = s.win_h / 2, rw = s.win_w / 2;
+  Group g;
+  g.row = row;
+  g.col = col;
+  g.count = count;
+  g.c0 = c0;
+  const int64_t bh = row / sh;
+  g.r_lo = std::max<int64_t>(bh - rh, 0);
+  int64_t r_hi = std::min<int64_t>(bh + rh, s.k_h - 1);
+  if (s.causal) r_hi = std::min<int64_t>(r_hi, row);
+  g.nr = r_hi - g.r_lo + 1;
+  g.causal_last = s.causal;
+  for (int64_t m = 0; m < count; ++m) {
+    const int64_t x = col + m, bw = x / sw;
+    g.lo[m] = std::max<int64_t>(bw - rw, 0) - c0;
+    g.hi[m] = std::min<int64_t>(bw + rw, s.k_w - 1) + 1 - c0;
+    g.hi_last[m] = s.causal ? std::min<int64_t>(g.hi[m], x + 1 - c0) : g.hi[m];
+  }
+  return g;
+}
+
+BlockCols block_cols(const Group& g, int64_t m0, int64_t mm) {
+  BlockCols c{g.lo[m0], g.hi[m0], g.hi_last[m0]};
+  for (int64_t m = m0 + 1; m < m0 + mm; ++m) {
+    c.lo = std::min(c.lo, g.lo[m]);
+    c.hi = std::max(c.hi, g.hi[m]);
+    c.hi_last = std::max(c.hi_last, g.hi_last[m]);
+  }
+  return c;
+}
+
+int64_t group_hi(const Group& g, int64_t m, int64_t ri) {
+  return g.causal_last && ri == g.nr - 1 ? g.hi_last[m] : g.hi[m];
+}
+int64_t block_hi(const Group& g, const BlockCols& c, int64_t ri) {
+  return g.causal_last && ri == g.nr - 1 ? c.hi_last : c.hi;
+}
+
+// Softmax of one query's scores in place: window key row ri at [ri * strip, (ri + 1) * strip),
+// text at nr * strip (text_bias added). Leaves exp(s - max), exactly 0 outside the window and
+// beyond the text keys; returns log-sum-exp and 1 / sum.
+template <typename T>
+void softmax_row(const Group& g, int64_t m, int64_t strip, int64_t text, int64_t tpad, T bias, T* sm,
+                 T* lse, T* inv) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  const typename V::R ninf = V::set1(-std::numeric_limits<T>::infinity()), zero = V::zero();
+  const int64_t lo = g.lo[m];
+  typename V::R mx = ninf;
+  for (int64_t ri = 0; ri < g.nr; ++ri) {
+    const T* sr = sm + ri * strip;
+    const int64_t hi = group_hi(g, m, ri);
+    for (int64_t j = 0; j < strip; j += L) mx = V::max(mx, V::keep(V::load(sr + j), lo - j, hi - j, ninf));
+  }
+  T* st = sm + g.nr * strip;
+  const typename V::R vb = V::set1(bias);
+  for (int64_t t = 0; t < tpad; t += L) {
+    const typename V::R x = V::add(V::load(st + t), vb);
+    V::store(st + t, x);
+    mx = V::max(mx, V::keep(x, -t, text - t, ninf));
+  }
+  const T mxs = V::hmax(mx);
+  const typename V::R mv = V::set1(mxs);
+  typename V::R sum = zero;
+  for (int64_t ri = 0; ri < g.nr; ++ri) {
+    T* sr = sm + ri * strip;
+    const int64_t hi = group_hi(g, m, ri);
+    for (int64_t j = 0; j < strip; j += L) {
+      const typename V::R e = V::keep(V::exp(V::sub(V::load(sr + j), mv)), lo - j, hi - j, zero);
+      V::store(sr + j, e);
+      sum = V::add(sum, e);
+    }
+  }
+  for (int64_t t = 0; t < tpad; t += L) {
+    const typename V::R e = V::keep(V::exp(V::sub(V::load(st + t), mv)), -t, text - t, zero);
+    V::store(st + t, e);
+    sum = V::add(sum, e);
+  }
+  const T total = V::hsum(sum);
+  *lse = mxs + std::log(total);
+  *inv = T(1) / total;
+}
+
+// Backward of one query: sm holds its scores, dm its dP = dO . v. Leaves P = exp(s - lse) in sm
+// and dS = P * (dP - delta) in dm, both exactly 0 outside the window and beyond the text keys,
+// with delta = sum_j P_j dP_j - dlse. (sum_j P_j dP_j equals rowsum(dO * out) in exact
+// arithmetic; taken from the tile it cancels exactly where the softmax backward does, e.g. a
+// query that sees one key gets dS = dlse, and `out` is not read.)
+template <typename T>
+void grad_scores_row(const Group& g, int64_t m, int64_t strip, int64_t text, int64_t tpad, T bias, T lse,
+                     T grad_lse, T* sm, T* dm) {
+  using V = Vec<T>;
+  constexpr int L = V::L;
+  const typename V::R zero = V::zero(), lv = V::set1(lse), vb = V::set1(bias);
+  const int64_t lo = g.lo[m];
+  T* st = sm + g.nr * strip;
+  T* dt = dm + g.nr * strip;
+  typename V::R acc = zero;
+  for (int64_t ri = 0; ri < g.nr; ++ri) {
+    T* sr = sm + ri * strip;
+    const T* dr = dm + ri * strip;
+    const int64_t hi = group_hi(g, m, ri);
+    for (int64_t j = 0; j < strip; j += L) {
+      const typename V::R pr = V::keep(V::exp(V::sub(V::load(sr + j), lv)), lo - j, hi - j, zero);
+      V::store(sr + j, pr);
+      acc = V::fma(pr, V::keep(V::load(dr + j), lo - j, hi - j, zero), acc);
+    }
+  }
+  for (int64_t t = 0; t < tpad; t += L) {
+    const typename V::R pr = V::keep(V::exp(V::sub(V::add(V::load(st + t), vb), lv)), -t, text - t, zero);
+    V::store(st + t, pr);
+    acc = V::fma(pr, V::keep(V::load(dt + t), -t, text - t, zero), acc);
+  }
+  const typename V::R dv = V::set1(V::hsum(acc) - grad_lse);
+  for (int64_t ri = 0; ri < g.nr; ++ri) {
+    const T* sr = sm + ri * strip;
+    T* dr = dm + ri * strip;
+    const int64_t hi = group_hi(g, m, ri);
+    for (int64_t j = 0; j < strip; j += L) {
+      V::store(dr + j, V::keep(V::mul(V::load(sr + j), V::sub(V::load(dr + j), dv)), lo - j, hi - j, zero));
+    }
+  }
+  for (int64_t t = 0; t < tpad; t += L) {
+    V::store(dt + t, V::keep(V::mul(V::load(st + t), V::sub(V::load(dt + t), dv)), -t, text - t, zero));
+  }
+}
+
+// Per-task scratch, sized for one group.
+template <typename T>
+struct Scratch {
+  int64_t sld = 0, dp = 0;
+  std::vector<T> q, s, ds, o, dout;
+  std::vector<T> lse, inv, aux;
+  explicit Scratch(const LocalAttentionShape& shape, const LocalAttentionPlan& plan, bool backward) {
+    sld = shape.win_h * plan.strip + plan.tpad;
+    dp = plan.dp;
+    q.assign(kGroup * dp, T(0));
+    s.assign(kGroup * sld, T(0));
+    o.assign(kGroup * dp, T(0));
+    lse.assign(kGroup, T(0));
+    inv.assign(kGroup, T(0));
+    aux.assign(kGroup, T(0));
+    if (backward) {
+      ds.assign(kGroup * sld, T(0));
+      dout.assign(kGroup * dp, T(0));
+    }
+  }
+};
+
+// Scores of the group's queries (rows of `q`, stride qld) against its window (transposed pack
+// `kt_bh`) and the text keys (transposed pack `tkt`), into s[m * sld + ...]: window key row ri
+// at columns [ri * strip, (ri + 1) * strip), text at nr * strip.
+template <typename T>
+void group_scores(const LocalAttentionShape& shape, const LocalAttentionPlan& plan, const Group& g,
+                  const T* q, int64_t qld, const T* kt_bh, const T* tkt, T* s, int64_t sld) {
+  const int64_t L = plan.lanes, nv = plan.strip / L, depth = shape.head_dim;
+  const int64_t key_row = depth * plan.row_width;
+  const T* kp[kScoreNV];
+  int64_t soff[kScoreNV];
+  for (int64_t mb = 0; mb < g.count; mb += kScoreM) {
+    const int mm = static_cast<int>(std::min<int64_t>(kScoreM, g.count - mb));
+    const int64_t nvec = g.nr * nv;
+    for (int64_t f = 0; f < nvec; f += kScoreNV) {
+      const int cnt = static_cast<int>(std::min<int64_t>(kScoreNV, nvec - f));
+      for (int j = 0; j < cnt; ++j) {
+        const int64_t ri = (f + j) / nv, v = (f + j) % nv;
+        kp[j] = kt_bh + (g.r_lo + ri) * key_row + plan.pad + g.c0 + v * L;
+        soff[j] = (f + j) * L;
+      }
+      score<T>(mm, cnt, q + mb * qld, qld, depth, kp, plan.row_width, s + mb * sld, sld, soff);
+    }
+    const int64_t ntv = plan.tpad / L;
+    for (int64_t f = 0; f < ntv; f += kScoreNV) {
+      const int cnt = static_cast<int>(std::min<int64_t>(kScoreNV, ntv - f));
+      for (int j = 0; j < cnt; ++j) {
+        kp[j] = tkt + (f + j) * L;
+        soff[j] = g.nr * plan.strip + (f + j) * L;
+      }
+      score<T>(mm, cnt, q + mb * qld, qld, depth, kp, plan.tpad, s + mb * sld, sld, soff);
+    }
+  }
+}
+
+template <typename T>
+void combine(int64_t count, int64_t dp, int64_t lanes, const Segment<T>* segs, int nseg,
+             const T* coef, int64_t cld, const T* oscale, T* o, int64_t old) {
+  static constexpr auto table = combine_table<T>(std::make_index_sequence<kPvM * kPvNDV>{});
+  const int64_t nvec = dp / lanes;
+  for (int64_t m0 = 0; m0 < count; m0 += kPvM) {
+    const int mm = static_cast<int>(std::min<int64_t>(kPvM, count - m0));
+    for (int64_t v0 = 0; v0 < nvec; v0 += kPvNDV) {
+      const int nd = static_cast<int>(std::min<int64_t>(kPvNDV, nvec - v0));
+      table[(mm - 1) * kPvNDV + (nd - 1)](segs, nseg, coef + m0 * cld, cld, v0 * lanes, oscale + m0,
+                                          o + m0 * old, old);
+    }
+  }
+}
+
+template <typename T>
+void update(int64_t count, int64_t dp, int64_t lanes, const WSegment<T>* segs, int nseg,
+            const T* coef, int64_t cld, const T* src, int64_t sld) {
+  static constexpr auto table = update_table<T>(std::make_index_sequence<kPvM * kPvNDV>{});
+  const int64_t nvec = dp / lanes;
+  for (int64_t m0 = 0; m0 < count; m0 += kPvM) {
+    const int mm = static_cast<int>(std::min<int64_t>(kPvM, count - m0));
+    for (int64_t v0 = 0; v0 < nvec; v0 += kPvNDV) {
+      const int nd = static_cast<int>(std::min<int64_t>(kPvNDV, nvec - v0));
+      table[(mm - 1) * kPvNDV + (nd - 1)](segs, nseg, coef + m0 * cld, cld, src + m0 * sld, sld,
+                                          v0 * lanes);
+    }
+  }
+}
+
+// Loads the group's query rows into q[m * dp + ...] (times `mul`, zero-padded to dp).
+template <typename T>
+void load_queries(const Group& g, int64_t q_w, int64_t depth, int64_t dp, const char* base,
+                  ElemType type, int64_t sn, T mul, T* q) {
+  const int64_t esz = elem_size(type);
+  for (int64_t m = 0; m < g.count; ++m) {
+    T* row = q + m * dp;
+    load_row(row, base + (g.row * q_w + g.col + m) * sn * esz, type, depth);
+#pragma omp simd
+    for (int64_t d = 0; d < depth; ++d) row[d] *= mul;
+    for (int64_t d = depth; d < dp; ++d) row[d] = T(0);
+  }
+}
+
+// ---- pack -----------------------------------------------------------------------------------------
+
+#if defined(__AVX512F__)
+// In-register transpose of a 16x16 float block (rows r[0..15] become columns).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 16; i += 8) {
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xdd);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+  }
+}
+#endif
+
+// Writes tile[c][d] (nc keys x depth, row stride depth) to out[d * row_width + c].
+template <typename T>
+void transpose_tile(const T* tile, int64_t nc, int64_t depth, T* out, int64_t row_width) {
+  int64_t d0 = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (nc == 16) {
+      __m512 r[16];
+      for (; d0 + 16 <= depth; d0 += 16) {
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(tile + i * depth + d0);
+        transpose16(r);
+        for (int j = 0; j < 16; ++j) _mm512_storeu_ps(out + (d0 + j) * row_width, r[j]);
+      }
+    }
+  }
+#endif
+  for (int64_t d = d0; d < depth; ++d) {
+    T* o = out + d * row_width;
+    for (int64_t c = 0; c < nc; ++c) o[c] = tile[c * depth + d];
+  }
+}
+
+template <typename T>
+void pack_rows(const LocalAttentionPackArgs& a, int64_t begin, int64_t end) {
+  const int64_t depth = a.head_dim, esz = elem_size(a.src_type);
+  constexpr int64_t kBlock = 16;
+  std::vector<T> tile(kBlock * depth);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t bh = item / a.rows, r = item % a.rows;
+    const int64_t b = bh / a.heads, h = bh % a.heads;
+    const char* src = static_cast<const char*>(a.src) + (b * a.sb + h * a.sh + r * a.cols * a.sn) * esz;
+    if (a.transposed != nullptr) {
+      T* dst = static_cast<T*>(a.transposed) + item * depth * a.row_width;
+      for (int64_t c0 = 0; c0 < a.cols; c0 += kBlock) {
+        const int64_t nc = std::min<int64_t>(kBlock, a.cols - c0);
+        for (int64_t c = 0; c < nc; ++c) load_row(tile.data() + c * depth, src + (c0 + c) * a.sn * esz, a.src_type, depth);
+        transpose_tile(tile.data(), nc, depth, dst + a.pad + c0, a.row_width);
+      }
+      for (int64_t d = 0; d < depth; ++d) {
+        T* out = dst + d * a.row_width;
+        std::fill(out, out + a.pad, T(0));
+        std::fill(out + a.pad + a.cols, out + a.row_width, T(0));
+      }
+    }
+    if (a.rowmajor != nullptr) {
+      T* dst = static_cast<T*>(a.rowmajor) + (bh * a.rows + r) * a.cols * a.dp;
+      for (int64_t c = 0; c < a.cols; ++c) {
+        T* out = dst + c * a.dp;
+        load_row(out, src + c * a.sn * esz, a.src_type, depth);
+        std::fill(out + depth, out + a.dp, T(0));
+      }
+    }
+  }
+}
+
+// ---- forward -------------------------------------------------------------------------------------
+
+struct TaskGrid {
+  int64_t rows, cols;  // tiles per head
+};
+
+TaskGrid task_grid(const LocalAttentionShape& s, const LocalAttentionPlan& p) {
+  return {(s.q_h + p.tile_h - 1) / p.tile_h, (s.q_w + p.tile_w - 1) / p.tile_w};
+}
+
+// Packs head (b, h) of `src` (rows x cols tokens) into the transposed layout and/or rows.
+template <typename T>
+void pack_head(const LocalAttentionSource& src, int64_t b, int64_t h, int64_t rows, int64_t cols,
+               int64_t depth, int64_t pad, int64_t row_width, int64_t dp, T* transposed, T* rowmajor) {
+  LocalAttentionPackArgs pk;
+  pk.batch = 1;
+  pk.heads = 1;
+  pk.rows = rows;
+  pk.cols = cols;
+  pk.head_dim = depth;
+  pk.src = static_cast<const char*>(src.data) + (b * src.sb + h * src.sh) * elem_size(src.type);
+  pk.src_type = src.type;
+  pk.sn = src.sn;
+  pk.transposed = transposed;
+  pk.pad = pad;
+  pk.row_width = row_width;
+  pk.rowmajor = rowmajor;
+  pk.dp = dp;
+  pk.f64 = std::is_same_v<T, double>;
+  pack_rows<T>(pk, 0, rows);
+}
+
+// One tile (tile row tr, tile column tc) of head (b, h).
+template <typename T>
+void forward_tile(const LocalAttentionForwardArgs& a, Scratch<T>& sc, std::vector<Segment<T>>& segs,
+                  int64_t b, int64_t h, int64_t tr, int64_t tc) {
+  const LocalAttentionShape& s = a.shape;
+  const LocalAttentionPlan& p = a.plan;
+  const int64_t n_q = s.q_h * s.q_w, depth = s.head_dim, dp = p.dp, T_ = s.text;
+  const int64_t sw = s.q_w / s.k_w;
+  const int64_t q_esz = elem_size(a.q_type);
+  const int64_t sld = sc.sld;
+  const T scale = static_cast<T>(a.scale), bias = static_cast<T>(a.text_bias);
+  const int64_t bh = b * a.heads + h;
+  const char* q_bh = static_cast<const char*>(a.q) + (b * a.q_sb + h * a.q_sh) * q_esz;
+  const T* kt_bh = static_cast<const T*>(a.kt) + b * a.kt_sb + h * a.kt_sh;
+  const T* v_bh = static_cast<const T*>(a.v) + b * a.v_sb + h * a.v_sh;
+  const T* tkt = T_ > 0 ? static_cast<const T*>(a.text_kt) + b * a.tk_sb + h * a.tk_sh : nullptr;
+  const T* tv = T_ > 0 ? static_cast<const T*>(a.text_v) + b * a.tv_sb + h * a.tv_sh : nullptr;
+  char* out_bh = static_cast<char*>(a.out) + bh * n_q * depth * q_esz;
+  T* lse_bh = static_cast<T*>(a.lse) + bh * n_q;
+  const int64_t w0 = tc * p.tile_w, w1 = std::min(s.q_w, w0 + p.tile_w);
+  const int64_t h0 = tr * p.tile_h, h1 = std::min(s.q_h, h0 + p.tile_h);
+  const int64_t c0 = w0 / sw - s.win_w / 2;
+
+  for (int64_t y = h0; y < h1; ++y) {
+    for (int64_t x0 = w0; x0 < w1; x0 += kGroup) {
+      const Group g = make_group(s, c0, y, x0, std::min<int64_t>(kGroup, w1 - x0));
+      load_queries(g, s.q_w, depth, dp, q_bh, a.q_type, a.q_sn, scale, sc.q.data());
+      group_scores(s, p, g, sc.q.data(), dp, kt_bh, tkt, sc.s.data(), sld);
+      // Exact softmax over window and text keys; invalid strip entries become 0.
+      for (int64_t m = 0; m < g.count; ++m) {
+        softmax_row(g, m, p.strip, T_, p.tpad, bias, sc.s.data() + m * sld, &sc.lse[m], &sc.inv[m]);
+      }
+      // out = P V / sum, per register block of queries over the union of their windows, then text.
+      for (int64_t m0 = 0; m0 < g.count; m0 += kPvM) {
+        const int64_t mm = std::min<int64_t>(kPvM, g.count - m0);
+        const BlockCols bc = block_cols(g, m0, mm);
+        int nseg = 0;
+        for (int64_t ri = 0; ri < g.nr; ++ri) {
+          segs[nseg++] = {v_bh + ((g.r_lo + ri) * s.k_w + g.c0 + bc.lo) * a.v_sn, a.v_sn,
+                          ri * p.strip + bc.lo, block_hi(g, bc, ri) - bc.lo};
+        }
+        if (T_ > 0) segs[nseg++] = {tv, dp, g.nr * p.strip, T_};
+        combine(mm, dp, p.lanes, segs.data(), nseg, sc.s.data() + m0 * sld, sld, sc.inv.data() + m0,
+                sc.o.data() + m0 * dp, dp);
+      }
+      for (int64_t m = 0; m < g.count; ++m) {
+        const int64_t n = y * s.q_w + x0 + m;
+        store_row(out_bh + n * depth * q_esz, sc.o.data() + m * dp, a.q_type, depth);
+        lse_bh[n] = sc.lse[m];
+      }
+    }
+  }
+}
+
+// Carves per-task pack buffers out of the scratch the torch layer allocated.
+template <typename T>
+struct ScratchCursor {
+  T* next;
+  T* take(int64_t n) {
+    T* out = next;
+    next += n;
+    return out;
+  }
+};
+
+template <typename T>
+int64_t head_scratch(const LocalAttentionShape& s, const LocalAttentionPlan& p, bool backward) {
+  const int64_t keys = s.k_h * s.head_dim * p.row_width, rows = s.k_h * s.k_w * p.dp;
+  const int64_t text_t = s.head_dim * p.tpad, text_rows = s.text * p.dp;
+  return backward ? 2 * keys + rows + 2 * text_t + text_rows : keys + rows + text_t + text_rows;
+}
+
+template <typename T>
+void forward_tasks(const LocalAttentionForwardArgs& a, int64_t begin, int64_t end, void* scratch) {
+  const LocalAttentionShape& s = a.shape;
+  const LocalAttentionPlan& p = a.plan;
+  const TaskGrid tg = task_grid(s, p);
+  Scratch<T> sc(s, p, false);
+  std::vector<Segment<T>> segs(s.win_h + 1);
+  if (!a.per_head) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t tc = task % tg.cols, tr = (task / tg.cols) % tg.rows;
+      const int64_t bh = task / (tg.cols * tg.rows);
+      forward_tile(a, sc, segs, bh / a.heads, bh % a.heads, tr, tc);
+    }
+    return;
+  }
+  // One head per task: pack what the torch layer left null into per-task scratch (it stays in
+  // L2 while the head's tiles run), then all tiles of the head.
+  const int64_t depth = s.head_dim, n_k = s.k_h * s.k_w;
+  ScratchCursor<T> cur{static_cast<T*>(scratch)};
+  T* kt = a.kt == nullptr ? cur.take(s.k_h * depth * p.row_width) : nullptr;
+  T* v = a.v == nullptr ? cur.take(n_k * p.dp) : nullptr;
+  T* tkt = s.text > 0 && a.text_kt == nullptr ? cur.take(depth * p.tpad) : nullptr;
+  T* tv = s.text > 0 && a.text_v == nullptr ? cur.take(s.text * p.dp) : nullptr;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / a.heads, h = task % a.heads;
+    LocalAttentionForwardArgs la = a;
+    if (a.kt == nullptr) {
+      pack_head<T>(a.k_src, b, h, s.k_h, s.k_w, depth, p.pad, p.row_width, p.dp, kt, nullptr);
+      la.kt = kt;
+      la.kt_sb = la.kt_sh = 0;
+    }
+    if (a.v == nullptr) {
+      pack_head<T>(a.v_src, b, h, s.k_h, s.k_w, depth, 0, 0, p.dp, nullptr, v);
+      la.v = v;
+      la.v_sb = la.v_sh = 0;
+      la.v_sn = p.dp;
+    }
+    if (s.text > 0 && a.text_kt == nullptr) {
+      pack_head<T>(a.text_k_src, b, h, 1, s.text, depth, 0, p.tpad, p.dp, tkt, nullptr);
+      la.text_kt = tkt;
+      la.tk_sb = la.tk_sh = 0;
+    }
+    if (s.text > 0 && a.text_v == nullptr) {
+      pack_head<T>(a.text_v_src, b, h, 1, s.text, depth, 0, 0, p.dp, nullptr, tv);
+      la.text_v = tv;
+      la.tv_sb = la.tv_sh = 0;
+    }
+    for (int64_t tr = 0; tr < tg.rows; ++tr) {
+      for (int64_t tc = 0; tc < tg.cols; ++tc) forward_tile(la, sc, segs, b, h, tr, tc);
+    }
+  }
+}
+
+// ---- backward ------------------------------------------------------------------------------------
+
+template <typename T>
+void backward_band(const LocalAttentionBackwardArgs& a, int64_t b, int64_t h, int64_t band) {
+  const LocalAttentionShape& s = a.shape;
+  const LocalAttentionPlan& p = a.plan;
+  const int64_t n_q = s.q_h * s.q_w, depth = s.head_dim, dp = p.dp, T_ = s.text;
+  const int64_t sw = s.q_w / s.k_w;
+  const int64_t q_esz = elem_size(a.q_type);
+  const int64_t go_esz = elem_size(a.grad_out_type);
+  Scratch<T> sc(s, p, true);
+  const int64_t sld = sc.sld;
+  const T scale = static_cast<T>(a.scale), bias = static_cast<T>(a.text_bias);
+  const int64_t bh = b * a.heads + h;
+
+  const char* q_bh = static_cast<const char*>(a.q) + (b * a.q_sb + h * a.q_sh) * q_esz;
+  const char* go_bh = a.grad_out != nullptr
+                          ? static_cast<const char*>(a.grad_out) + (b * a.go_sb + h * a.go_sh) * go_esz
+                          : nullptr;
+  const T* lse_bh = static_cast<const T*>(a.lse) + bh * n_q;
+  const T* glse_bh = a.grad_lse != nullptr ? static_cast<const T*>(a.grad_lse) + bh * n_q : nullptr;
+  const T* kt_bh = static_cast<const T*>(a.kt) + b * a.kt_sb + h * a.kt_sh;
+  const T* vt_bh = static_cast<const T*>(a.vt) + b * a.kt_sb + h * a.kt_sh;
+  const T* k_bh = static_cast<const T*>(a.k) + b * a.k_sb + h * a.k_sh;
+  const T* tkt = T_ > 0 ? static_cast<const T*>(a.text_kt) + b * a.tt_sb + h * a.tt_sh : nullptr;
+  const T* tvt = T_ > 0 ? static_cast<const T*>(a.text_vt) + b * a.tt_sb + h * a.tt_sh : nullptr;
+  const T* tk = T_ > 0 ? static_cast<const T*>(a.text_k) + b * a.tk_sb + h * a.tk_sh : nullptr;
+  T* gk_bh = static_cast<T*>(a.grad_k) + b * a.gk_sb + h * a.gk_sh;
+  T* gv_bh = static_cast<T*>(a.grad_v) + b * a.gk_sb + h * a.gk_sh;
+  T* gtk = T_ > 0 ? static_cast<T*>(a.grad_text_k) + (bh * a.bands + band) * T_ * dp : nullptr;
+  T* gtv = T_ > 0 ? static_cast<T*>(a.grad_text_v) + (bh * a.bands + band) * T_ * dp : nullptr;
+  char* gq_bh = static_cast<char*>(a.grad_q) + bh * n_q * depth * q_esz;
+
+  std::vector<Segment<T>> segs(s.win_h + 1);
+  std::vector<WSegment<T>> wsegs(s.win_h + 1);
+  T* qs = sc.q.data();
+  T* dout = sc.dout.data();
+  T* pm = sc.s.data();
+  T* dsm = sc.ds.data();
+  const int64_t y0 = band * p.band_h, y1 = std::min(s.q_h, y0 + p.band_h);
+
+  for (int64_t y = y0; y < y1; ++y) {
+    for (int64_t w0 = 0; w0 < s.q_w; w0 += p.tile_w) {
+      const int64_t w1 = std::min(s.q_w, w0 + p.tile_w);
+      const int64_t c0 = w0 / sw - s.win_w / 2;
+      for (int64_t x0 = w0; x0 < w1; x0 += kGroup) {
+        const Group g = make_group(s, c0, y, x0, std::min<int64_t>(kGroup, w1 - x0));
+        load_queries(g, s.q_w, depth, dp, q_bh, a.q_type, a.q_sn, scale, qs);
+        // dO (zero without a gradient of `out`), lse and dlse of each query.
+        for (int64_t m = 0; m < g.count; ++m) {
+          const int64_t n = y * s.q_w + x0 + m;
+          T* dr = dout + m * dp;
+          if (go_bh != nullptr) {
+            load_row(dr, go_bh + n * a.go_sn * go_esz, a.grad_out_type, depth);
+          } else {
+            std::fill(dr, dr + depth, T(0));
+          }
+          std::fill(dr + depth, dr + dp, T(0));
+          sc.aux[m] = glse_bh != nullptr ? glse_bh[n] : T(0);
+          sc.lse[m] = lse_bh[n];
+        }
+        group_scores(s, p, g, qs, dp, kt_bh, tkt, pm, sld);
+        group_scores(s, p, g, dout, dp, vt_bh, tvt, dsm, sld);
+        // P = exp(S - lse) and dS = P * (dP - D), both 0 outside the window.
+        for (int64_t m = 0; m < g.count; ++m) {
+          grad_scores_row(g, m, p.strip, T_, p.tpad, bias, sc.lse[m], sc.aux[m], pm + m * sld, dsm + m * sld);
+        }
+        // Per register block of queries: the key rows its windows touch, then the text keys.
+        for (int64_t m = 0; m < g.count; ++m) sc.inv[m] = scale;
+        for (int64_t m0 = 0; m0 < g.count; m0 += kPvM) {
+          const int64_t mm = std::min<int64_t>(kPvM, g.count - m0);
+          const BlockCols bc = block_cols(g, m0, mm);
+          int nseg = 0;
+          for (int64_t ri = 0; ri < g.nr; ++ri) {
+            const int64_t first = (g.r_lo + ri) * s.k_w + g.c0 + bc.lo;
+            const int64_t col = ri * p.strip + bc.lo, n = block_hi(g, bc, ri) - bc.lo;
+            segs[nseg] = {k_bh + first * a.k_sn, a.k_sn, col, n};
+            wsegs[nseg] = {gv_bh + first * dp, dp, col, n};
+            ++nseg;
+          }
+          const int nwin = nseg;
+          if (T_ > 0) {
+            segs[nseg] = {tk, dp, g.nr * p.strip, T_};
+            wsegs[nseg] = {gtv, dp, g.nr * p.strip, T_};
+            ++nseg;
+          }
+          // dV += P^T dO
+          update(mm, dp, p.lanes, wsegs.data(), nseg, pm + m0 * sld, sld, dout + m0 * dp, dp);
+          // dK += dS^T (q * scale)
+          for (int64_t i = 0; i < nwin; ++i) wsegs[i].base = gk_bh + (wsegs[i].base - gv_bh);
+          if (T_ > 0) wsegs[nwin].base = gtk;
+          update(mm, dp, p.lanes, wsegs.data(), nseg, dsm + m0 * sld, sld, qs + m0 * dp, dp);
+          // dQ = scale * dS K
+          combine(mm, dp, p.lanes, segs.data(), nseg, dsm + m0 * sld, sld, sc.inv.data() + m0,
+                  sc.o.data() + m0 * dp, dp);
+        }
+        for (int64_t m = 0; m < g.count; ++m) {
+          const int64_t n = y * s.q_w + x0 + m;
+          store_row(gq_bh + n * depth * q_esz, sc.o.data() + m * dp, a.q_type, depth);
+        }
+      }
+    }
+  }
+}
+
+// Whole heads per task; bands in the order the phased schedule uses (per batch: even bands,
+// then odd bands), so both schedules sum every key gradient in the same order.
+template <typename T>
+void backward_heads(const LocalAttentionBackwardArgs& a, int64_t begin, int64_t end, void* scratch) {
+  const LocalAttentionShape& s = a.shape;
+  const LocalAttentionPlan& p = a.plan;
+  const int64_t depth = s.head_dim, n_k = s.k_h * s.k_w;
+  const int64_t bands = a.bands;
+  const int64_t key_pack = s.k_h * depth * p.row_width;
+  ScratchCursor<T> cur{static_cast<T*>(scratch)};
+  T* kt = a.kt == nullptr ? cur.take(key_pack) : nullptr;
+  T* vt = a.vt == nullptr ? cur.take(key_pack) : nullptr;
+  T* kr = a.k == nullptr ? cur.take(n_k * p.dp) : nullptr;
+  T* tkt = s.text > 0 && a.text_kt == nullptr ? cur.take(depth * p.tpad) : nullptr;
+  T* tvt = s.text > 0 && a.text_vt == nullptr ? cur.take(depth * p.tpad) : nullptr;
+  T* tkr = s.text > 0 && a.text_k == nullptr ? cur.take(s.text * p.dp) : nullptr;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t h = a.kv_broadcast ? task : task % a.heads;
+    const int64_t b_first = a.kv_broadcast ? 0 : task / a.heads;
+    const int64_t b_last = a.kv_broadcast ? a.batch : b_first + 1;
+    LocalAttentionBackwardArgs la = a;
+    // Packs of head h for batch b (broadcast sources have batch stride 0).
+    auto pack_kv = [&](int64_t b) {
+      if (a.kt == nullptr || a.k == nullptr) {
+        pack_head<T>(a.k_src, b, h, s.k_h, s.k_w, depth, p.pad, p.row_width, p.dp,
+                     a.kt == nullptr ? kt : nullptr, a.k == nullptr ? kr : nullptr);
+      }
+      if (a.kt == nullptr) {
+        la.kt = kt;
+        la.kt_sb = la.kt_sh = 0;
+      }
+      if (a.vt == nullptr) {
+        pack_head<T>(a.v_src, b, h, s.k_h, s.k_w, depth, p.pad, p.row_width, p.dp, vt, nullptr);
+        la.vt = vt;
+      }
+      if (a.k == nullptr) {
+        la.k = kr;
+        la.k_sb = la.k_sh = 0;
+        la.k_sn = p.dp;
+      }
+    };
+    auto pack_text = [&](int64_t b) {
+      if (s.text == 0) return;
+      if (a.text_kt == nullptr || a.text_k == nullptr) {
+        pack_head<T>(a.text_k_src, b, h, 1, s.text, depth, 0, p.tpad, p.dp,
+                     a.text_kt == nullptr ? tkt : nullptr, a.text_k == nullptr ? tkr : nullptr);
+      }
+      if (a.text_vt == nullptr) {
+        pack_head<T>(a.text_v_src, b, h, 1, s.text, depth, 0, p.tpad, p.dp, tvt, nullptr);
+      }
+      if (a.text_kt == nullptr) la.text_kt = tkt;
+      if (a.text_vt == nullptr) la.text_vt = tvt;
+      if (a.text_kt == nullptr || a.text_vt == nullptr) la.tt_sb = la.tt_sh = 0;
+      if (a.text_k == nullptr) {
+        la.text_k = tkr;
+        la.tk_sb = la.tk_sh = 0;
+      }
+    };
+    for (int64_t b = b_first; b < b_last; ++b) {
+      // k/v are the same for every batch when broadcast; text may still differ per batch.
+      if (b == b_first) pack_kv(b);
+      if (b == b_first || a.text_k_src.sb != 0) pack_text(b);
+      for (int64_t color = 0; color < 2; ++color) {
+        for (int64_t band = color; band < bands; band += 2) backward_band<T>(la, b, h, band);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+LocalAttentionPlan local_attention_plan(const LocalAttentionShape& shape) { return make_plan(shape); }
+
+void local_attention_pack(const LocalAttentionPackArgs& args, int64_t begin, int64_t end) {
+  if (args.f64) {
+    pack_rows<double>(args, begin, end);
+  } else {
+    pack_rows<float>(args, begin, end);
+  }
+}
+
+int64_t local_attention_forward_tasks(const LocalAttentionForwardArgs& args) {
+  const TaskGrid tg = task_grid(args.shape, args.plan);
+  return args.batch * args.heads * (args.per_head ? 1 : tg.rows * tg.cols);
+}
+
+int64_t local_attention_head_scratch(const LocalAttentionShape& shape, const LocalAttentionPlan& plan,
+                                     bool backward) {
+  return shape.f64 ? head_scratch<double>(shape, plan, backward) : head_scratch<float>(shape, plan, backward);
+}
+
+void local_attention_forward(const LocalAttentionForwardArgs& args, int64_t begin, int64_t end,
+                             void* scratch) {
+  if (args.shape.f64) {
+    forward_tasks<double>(args, begin, end, scratch);
+  } else {
+    forward_tasks<float>(args, begin, end, scratch);
+  }
+}
+
+void local_attention_backward_heads(const LocalAttentionBackwardArgs& args, int64_t begin, int64_t end,
+                                    void* scratch) {
+  if (args.shape.f64) {
+    backward_heads<double>(args, begin, end, scratch);
+  } else {
+    backward_heads<float>(args, begin, end, scratch);
+  }
+}
+
+void local_attention_backward(const LocalAttentionBackwardArgs& args, int64_t b, int64_t h,
+                              int64_t band) {
+  if (args.shape.f64) {
+    backward_band<double>(args, b, h, band);
+  } else {
+    backward_band<float>(args, b, h, band);
+  }
+}
+
+}  // namespace cogview::cpu::COGVIEW_ISA
