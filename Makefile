@@ -10,11 +10,10 @@ CUDA_TORCH_VERSION ?= 2.14.1
 PY := $(VENV)/bin/python
 CUDA_VENV ?= .venv-cuda
 WHEEL_VENV ?= .venv-wheel
-# A pip-installed compiler cache, when present, makes rebuilds cheap.
+# A compiler cache, when installed, makes rebuilds cheap: torch's extension builder and setup.py's
+# per-ISA kernels use ccache by themselves; CMake is told here.
 CCACHE := $(shell command -v ccache 2>/dev/null)
 ifneq ($(CCACHE),)
-export CXX := ccache c++
-export PYTORCH_NVCC := ccache nvcc
 CMAKE_LAUNCHER := -DCMAKE_CXX_COMPILER_LAUNCHER=ccache
 endif
 

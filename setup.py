@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,7 +81,11 @@ def _write_build_info(path: Path, with_cuda: bool, arch_list: str, isas: list[st
 
 
 def _compiler() -> list[str]:
-    return shlex.split(os.environ.get("CXX", "c++"))
+    """The C++ compiler for the per-ISA kernels, behind ccache when installed (as torch does)."""
+    compiler = shlex.split(os.environ.get("CXX", "c++"))
+    if shutil.which("ccache") and not os.environ.get("TORCH_NO_COMPILER_WRAPPER") and "ccache" not in compiler[0]:
+        compiler = ["ccache"] + compiler
+    return compiler
 
 
 def _compile_isa_kernels(build_temp: Path, common_flags: list[str]) -> list[str]:
