@@ -30,7 +30,7 @@ install: $(VENV)/.torch-$(TORCH_VERSION)
 
 demo: install
 	$(PY) -m cogview.info
-	$(PY) bench/layer_norm.py --no-compile --dtypes float32
+	$(PY) bench/layer_norm.py --no-compile --dtypes float32 --rows 4096 --hidden 1024,2560
 
 test: install
 	@set +e; HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; \
