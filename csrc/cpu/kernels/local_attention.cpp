@@ -36,33 +36,10 @@
 #endif
 
 #include "cpu/kernels/kernels.h"
+#include "cpu/kernels/vec_math.h"
 
 namespace cogview::cpu::COGVIEW_ISA {
 namespace {
-
-// ---- exp ----------------------------------------------------------------------------------------
-// exp for the softmax, written so `#pragma omp simd` loops vectorize it (no libm call): Cody-Waite
-// reduction x = n ln2 + r, |r| <= ln2/2, and a degree-7 Taylor polynomial (relative error
-// below 1e-8, under one float ulp). Inputs below -87 give about 1e-38 instead of a denormal;
-// masked entries never reach it (they are selected to 0 separately).
-inline float exp_acc(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = x - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187045e-06f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  return p * std::bit_cast<float>(bits);
-}
-inline double exp_acc(double x) { return std::exp(x); }
 
 // ---- vector registers -------------------------------------------------------------------------
 // Vec<T>::R is one register of L accumulator elements; the micro-kernels use only these five
@@ -128,7 +105,7 @@ struct PortableVec {
     return x;
   }
   static R exp(R x) {
-    for (int i = 0; i < N; ++i) x.v[i] = exp_acc(x.v[i]);
+    for (int i = 0; i < N; ++i) x.v[i] = exp_nonpositive(x.v[i]);  // arguments are x - max <= 0
     return x;
   }
 };
@@ -163,7 +140,7 @@ struct Vec<float> {
   static R keep(R x, int64_t lo, int64_t hi, R fill) {
     return _mm512_mask_blend_ps(lane_range_mask(lo, hi, L), fill, x);
   }
-  // exp_acc's algorithm on 16 lanes; scalef applies 2^n.
+  // vec_math.h's exp_nonpositive algorithm on 16 lanes; scalef applies 2^n.
   static R exp(R x) {
     x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
     const R n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
