@@ -212,6 +212,7 @@ inline vf vset(float v) { return _mm512_set1_ps(v); }
 inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
 inline vf vload(const float* p, Tail m) { return _mm512_maskz_loadu_ps(m, p); }
 inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+inline void vstream(float* p, vf v) { _mm512_stream_ps(p, v); }
 inline void vstore(float* p, vf v, Tail m) { _mm512_mask_storeu_ps(p, m, v); }
 inline vf vkeep(vf v, Tail m) { return _mm512_maskz_mov_ps(m, v); }
 inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
@@ -261,6 +262,7 @@ inline vf vset(float v) { return _mm256_set1_ps(v); }
 inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
 inline vf vload(const float* p, Tail m) { return _mm256_maskload_ps(p, m); }
 inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline void vstream(float* p, vf v) { _mm256_stream_ps(p, v); }
 inline void vstore(float* p, vf v, Tail m) { _mm256_maskstore_ps(p, m, v); }
 inline vf vkeep(vf v, Tail m) { return _mm256_and_ps(v, _mm256_castsi256_ps(m)); }
 inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
@@ -387,17 +389,24 @@ RowStats<float> row_stats_f32(const float* __restrict x, float mean, int64_t n, 
   return finish_stats(mean, sq, amax, n, eps, pb_relax);
 }
 
-// y = (x - mean) * rstd * w + b (+ residual); returns the sum of the y written.
-template <bool kResidual>
+// y = (x - mean) * rstd * w + b (+ residual); returns the sum of the y written. With kStream, y
+// is written with non-temporal stores (n a multiple of kW, y aligned to the vector) and, when
+// `copy` is given, also to `copy` through the cache for a later pass.
+template <bool kResidual, bool kStream = false>
 float row_normalize(float* __restrict y, const float* __restrict x, RowStats<float> s,
                     const float* __restrict w, const float* __restrict b, const float* __restrict res,
-                    int64_t n) {
+                    int64_t n, float* __restrict copy = nullptr) {
   const vf m = vset(s.mean), r = vset(s.rstd);
   vf t0 = vzero(), t1 = vzero();
   auto one = [&](int64_t i) {
     vf v = vfma(vmul(vsub(vload(x + i), m), r), vload(w + i), vload(b + i));
     if constexpr (kResidual) v = vadd(vload(res + i), v);
-    vstore(y + i, v);
+    if constexpr (kStream) {
+      vstream(y + i, v);
+      if (copy != nullptr) vstore(copy + i, v);
+    } else {
+      vstore(y + i, v);
+    }
     return v;
   };
   int64_t i = 0;
@@ -468,6 +477,11 @@ void row_backward(float* __restrict dx, float* __restrict gbuf, const float* __r
   }
 }
 
+// fp32 outputs of at least this many bytes are written with non-temporal stores: twice a core's
+// L2, so they would not stay there anyway, and streaming them spares the read-for-ownership of
+// every output line and keeps the inputs in cache.
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
+
 // A row of `type` as fp32: in place when it is fp32, else converted into `buf`.
 inline const float* row_in(const void* src, ElemType type, float* buf, int64_t n) {
   if (type == ElemType::f32) return static_cast<const float*>(src);
@@ -501,6 +515,10 @@ void forward_rows_f32(const LayerNormForwardArgs& a, int64_t begin, int64_t end)
   const int64_t out_size = elem_size(a.out_type), normed_size = elem_size(a.normed_type);
   const int64_t branch_size = elem_size(a.branch_type), res_size = elem_size(a.residual_type);
   const float nf = static_cast<float>(n);
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % (kW * sizeof(float)) == 0; };
+  const bool stream = a.out_type == ElemType::f32 && n % kW == 0 && aligned(a.out) &&
+                      (!has_next || (a.normed_type == ElemType::f32 && aligned(a.normed))) &&
+                      a.rows * n * static_cast<int64_t>(sizeof(float)) >= kStreamBytes;
 
   for (int64_t r = begin; r < end; ++r) {
     const float* x = row_in(static_cast<const char*>(a.branch) + r * a.branch_stride * branch_size,
@@ -509,7 +527,19 @@ void forward_rows_f32(const LayerNormForwardArgs& a, int64_t begin, int64_t end)
     char* out = static_cast<char*>(a.out) + r * n * out_size;
     float* y = row_dst(out, a.out_type, yb);
     float y_sum;
-    if (a.residual != nullptr) {
+    if (stream) {
+      // Outputs go around the cache; the second LayerNorm reads its copy in yb.
+      y = yb;
+      const float* res = a.residual == nullptr
+                             ? nullptr
+                             : row_in(static_cast<const char*>(a.residual) + r * a.residual_stride * res_size,
+                                      a.residual_type, rb, n);
+      y_sum = res != nullptr
+                  ? row_normalize<true, true>(reinterpret_cast<float*>(out), x, s1, w_out, b_out, res, n,
+                                                     has_next ? yb : nullptr)
+                  : row_normalize<false, true>(reinterpret_cast<float*>(out), x, s1, w_out, b_out, nullptr, n,
+                                               has_next ? yb : nullptr);
+    } else if (a.residual != nullptr) {
       const float* res = row_in(static_cast<const char*>(a.residual) + r * a.residual_stride * res_size,
                                 a.residual_type, rb, n);
       y_sum = row_normalize<true>(y, x, s1, w_out, b_out, res, n);
@@ -529,11 +559,16 @@ void forward_rows_f32(const LayerNormForwardArgs& a, int64_t begin, int64_t end)
     if (!has_next) continue;
     const RowStats<float> s2 = row_stats_f32(y, y_sum / nf, n, a.eps, a.pb_relax);
     char* normed = static_cast<char*>(a.normed) + r * n * normed_size;
-    row_normalize<false>(row_dst(normed, a.normed_type, zb), y, s2, w_next, b_next, nullptr, n);
+    if (stream) {
+      row_normalize<false, true>(reinterpret_cast<float*>(normed), y, s2, w_next, b_next, nullptr, n);
+    } else {
+      row_normalize<false>(row_dst(normed, a.normed_type, zb), y, s2, w_next, b_next, nullptr, n);
+    }
     row_out(normed, a.normed_type, zb, n);
     stats[r * stat_cols + 2] = s2.mean;
     stats[r * stat_cols + 3] = s2.rstd;
   }
+  if (stream) _mm_sfence();  // order the non-temporal stores before the task reports done
 }
 
 void backward_rows_f32(const LayerNormBackwardArgs& a, int64_t begin, int64_t end, int64_t chunk) {
