@@ -1,8 +1,10 @@
 // Fused (sandwich) LayerNorm rows: compiled once per ISA, see kernels.h.
 //
-// Each row is read from memory once into an L1-resident accumulator buffer; every later pass
-// (variance, normalisation, the second LayerNorm) runs over that buffer, so memory sees exactly
-// one read per input and one write per output.
+// Each row is read from memory once; every later pass (variance, normalisation, the second
+// LayerNorm) runs over L1-resident data, so memory sees exactly one read per input and one write
+// per output. With AVX2 / AVX-512 (fp32 accumulation), fp32 rows are used in place and fp16/bf16
+// rows converted once into a buffer; the generic loops below serve fp64 and the baseline ISA,
+// where each row is first converted into an accumulator buffer.
 #include <cmath>
 #include <cstring>
 #include <memory>
