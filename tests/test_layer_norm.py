@@ -334,3 +334,27 @@ def test_hidden_one_gives_exactly_zero_input_gradient():
     x = torch.randn(5, 1, requires_grad=True)
     ops.layer_norm(x, torch.full((1,), 1.7), torch.zeros(1), pb_relax=True).backward(torch.randn(5, 1))
     assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("isa", ops.usable_cpu_isas())
+def test_large_outputs_streamed_and_recycled(isa):
+    # Outputs of several MiB take other paths in the CPU kernels: fp32 outputs are written with
+    # non-temporal stores, and freed outputs are recycled for the next call of the same size.
+    # Hidden 1000 is a multiple of the AVX2 width but not of AVX-512's (no streaming there).
+    with ops.use_cpu_isa(isa):
+        for hidden in (1024, 1000):
+            for _ in range(2):  # the second round gets the recycled buffers of the first
+                residual, branch = torch.randn(1100, hidden) * 3, torch.randn(1100, hidden) * 2 + 0.5
+                w, b = _param(hidden, offset=1.0), _param(hidden)
+                args = [t.requires_grad_() for t in (residual, branch, w, b)]
+                got = ops.add_layer_norm(*args, w, b)
+                want = reference.add_layer_norm(*args, w, b)
+                for g, r in zip(got, want):
+                    torch.testing.assert_close(g, r, atol=3e-5, rtol=3e-5)
+                grads = [torch.randn(1100, hidden), torch.randn(1100, hidden)]
+                for g, r in zip(torch.autograd.grad(got, args, grads), torch.autograd.grad(want, args, grads)):
+                    torch.testing.assert_close(g, r, atol=1e-3, rtol=1e-3)
+                out = got[0].detach()
+                out.resize_(2200, hidden).fill_(1.0)  # recycled storages stay resizable
+                assert float(out.sum()) == 2200 * hidden
+                del got, out

@@ -1,7 +1,13 @@
 // CPU implementation of cogview::layer_norm / add_layer_norm and their backward ops.
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
+
+#include <cstdlib>
+#include <mutex>
+#include <vector>
 
 #include "cpu/isa.h"
 #include "cpu/tensor_utils.h"
@@ -18,6 +24,103 @@ constexpr int64_t kForwardGrainElems = 32768;
 
 at::Tensor acc_param(const at::Tensor& p, at::ScalarType acc) { return p.to(acc).contiguous(); }
 
+// Recycles the large, full-size outputs of these ops (new_residual, normed, the input gradients).
+//
+// A fresh multi-megabyte tensor from the default CPU allocator often comes from pages the C
+// library has just returned to the system (mmap'd chunks, or a trimmed heap top, depending on
+// what else the process did), and then every 4 KiB page faults and is zeroed by the kernel on
+// first write: for a 16 MiB output that costs more than the LayerNorm itself. Freed outputs are
+// therefore kept here, most recently freed first, and handed out again for a request of exactly
+// the same size, as warm pages. At most COGVIEW_CPU_OUTPUT_CACHE_MB MiB (default 512; 0 turns
+// the cache off) of freed buffers are kept; the oldest go back to the system first. Tensors made
+// here are ordinary resizable CPU tensors; only where their memory goes when freed differs.
+class OutputCache final : public c10::Allocator {
+ public:
+  // Smaller outputs come from the default allocator.
+  static constexpr size_t kMinBytes = size_t(1) << 20;
+
+  static OutputCache& get() {
+    static OutputCache* cache = new OutputCache();  // never destroyed: storages may outlive statics
+    return *cache;
+  }
+
+  size_t limit() const { return limit_; }
+
+  c10::DataPtr allocate(size_t n) override {
+    void* data = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto it = free_.rbegin(); it != free_.rend(); ++it) {
+        if (block_size(*it) == n) {
+          data = *it;
+          free_.erase(std::next(it).base());
+          cached_ -= n;
+          break;
+        }
+      }
+    }
+    if (data == nullptr) {
+      // A header in front of the data records its size; the data stays 64-byte aligned.
+      char* base = static_cast<char*>(c10::alloc_cpu(n + kHeader));
+      *reinterpret_cast<size_t*>(base) = n;
+      data = base + kHeader;
+    }
+    return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+ private:
+  static constexpr size_t kHeader = 64;
+
+  OutputCache() {
+    const char* env = std::getenv("COGVIEW_CPU_OUTPUT_CACHE_MB");
+    limit_ = (env != nullptr && *env != '\0' ? std::strtoull(env, nullptr, 10) : 512) << 20;
+  }
+
+  static size_t block_size(void* data) {
+    return *reinterpret_cast<size_t*>(static_cast<char*>(data) - kHeader);
+  }
+
+  static void release(void* data) {
+    if (data == nullptr) return;
+    OutputCache& cache = get();
+    const size_t n = block_size(data);
+    std::vector<void*> evicted;
+    if (n >= kMinBytes && n <= cache.limit_) {
+      std::lock_guard<std::mutex> lock(cache.mu_);
+      while (cache.cached_ + n > cache.limit_) {
+        evicted.push_back(cache.free_.front());
+        cache.cached_ -= block_size(cache.free_.front());
+        cache.free_.erase(cache.free_.begin());
+      }
+      cache.free_.push_back(data);
+      cache.cached_ += n;
+    } else {
+      evicted.push_back(data);
+    }
+    for (void* p : evicted) c10::free_cpu(static_cast<char*>(p) - kHeader);
+  }
+
+  std::mutex mu_;
+  std::vector<void*> free_;  // oldest first
+  size_t cached_ = 0;
+  size_t limit_ = 0;
+};
+
+// at::empty for a full-size output: large ones through OutputCache.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const size_t nbytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  OutputCache& cache = OutputCache::get();
+  if (nbytes < OutputCache::kMinBytes || nbytes > cache.limit()) return at::empty(sizes, options);
+  return at::detail::empty_generic(sizes, &cache, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   options.dtype().toScalarType(), std::nullopt);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor* residual,
                                                        const at::Tensor& branch,
                                                        const at::Tensor& w_out, const at::Tensor& b_out,
@@ -28,9 +131,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor* residua
   at::Tensor branch_rows = as_rows(branch, hidden);
   at::Tensor residual_rows = residual ? as_rows(*residual, hidden) : at::Tensor();
   const int64_t rows = branch_rows.size(0);
-  at::Tensor out = at::empty(branch.sizes(), branch.options().dtype(residual ? residual->scalar_type()
-                                                                               : branch.scalar_type()));
-  at::Tensor normed = w_next ? at::empty(branch.sizes(), branch.options()) : branch.new_empty({0});
+  at::Tensor out = empty_output(branch.sizes(), branch.options().dtype(residual ? residual->scalar_type()
+                                                                                   : branch.scalar_type()));
+  at::Tensor normed = w_next ? empty_output(branch.sizes(), branch.options()) : branch.new_empty({0});
   at::Tensor stats = at::empty({rows, w_next ? 4 : 2}, branch.options().dtype(acc));
   at::Tensor wo = acc_param(w_out, acc), bo = acc_param(b_out, acc);
   at::Tensor wn = w_next ? acc_param(*w_next, acc) : at::Tensor();
@@ -104,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(const at:
   at::Tensor x_rows = as_rows(x, hidden), g_rows = as_rows(grad_out, hidden);
   at::Tensor w = acc_param(weight, acc);
   at::Tensor stats_c = stats.to(acc).contiguous();
-  at::Tensor grad_x = at::empty(x.sizes(), x.options());
+  at::Tensor grad_x = empty_output(x.sizes(), x.options());
   LayerNormBackwardArgs a;
   a.rows = x_rows.size(0);
   a.hidden = hidden;
@@ -145,8 +248,8 @@ add_layer_norm_backward_cpu(const std::optional<at::Tensor>& grad_new_residual,
   at::Tensor gn_rows = has_next && grad_normed ? as_rows(*grad_normed, hidden) : at::Tensor();
   at::Tensor wo = acc_param(w_out, acc), wn = has_next ? acc_param(*w_next, acc) : at::Tensor();
   at::Tensor stats_c = stats.to(acc).contiguous();
-  at::Tensor grad_residual = at::empty(new_residual.sizes(), new_residual.options());
-  at::Tensor grad_branch = at::empty(branch.sizes(), branch.options());
+  at::Tensor grad_residual = empty_output(new_residual.sizes(), new_residual.options());
+  at::Tensor grad_branch = empty_output(branch.sizes(), branch.options());
 
   LayerNormBackwardArgs a;
   a.rows = branch_rows.size(0);
