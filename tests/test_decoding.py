@@ -64,7 +64,7 @@ def _check_attention(q, k, v, lengths, scale, text_len, text_bias):
     heads=st.integers(1, 3),
     n=st.integers(1, 4),
     extra=st.integers(0, 90),
-    dim=st.sampled_from([1, 7, 16, 64, 128]),
+    dim=st.sampled_from([1, 7, 16, 32, 64, 128]),
     text=st.sampled_from([(0, 0.0), (5, 1.4), (1000, -0.7)]),
     dtype=st.sampled_from(LOW_PRECISION + [torch.float64]),
 )
@@ -121,6 +121,29 @@ def test_every_isa(isa, dtype):
     lengths = torch.tensor([700, 2, 600])
     with cogview.ops.use_cpu_isa(isa):
         _check_attention(q, k, v, lengths, 0.3, 10, 1.0)
+
+
+@pytest.mark.skipif(not HAS_ATTENTION_KERNEL, reason="no CPU kernel")
+@pytest.mark.parametrize("isa", cogview.ops.usable_cpu_isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [32, 64, 128])
+@pytest.mark.parametrize("layout", ["contiguous", "positions_outer"])
+def test_single_query_every_isa(isa, dtype, dim, layout):
+    # n = 1 with the head dims that have a whole-chunk path (AVX-512): groups of 16 keys with
+    # remainders, the text boost ending inside a group, split sequences; caches with row strides
+    # other than d ([B, max_len, heads, d] viewed as [B, heads, max_len, d]).
+    gen = torch.Generator().manual_seed(4)
+    batch, heads, max_len = 6, 2, 700
+    if layout == "contiguous":
+        k = _randn(gen, batch, heads, max_len, dim, dtype=dtype)
+        v = _randn(gen, batch, heads, max_len, dim, dtype=dtype)
+    else:
+        k = _randn(gen, batch, max_len, heads, dim, dtype=dtype).transpose(1, 2)
+        v = _randn(gen, batch, max_len, heads, dim, dtype=dtype).transpose(1, 2)
+    q = _randn(gen, batch, heads, 1, dim, dtype=dtype) * 2
+    lengths = torch.tensor([1, 15, 16, 17, 530, 700])
+    with cogview.ops.use_cpu_isa(isa):
+        _check_attention(q, k, v, lengths, dim**-0.5, 21, 1.4)
 
 
 def test_non_contiguous_inputs():

@@ -426,3 +426,42 @@ def test_cuda_distribution_chi_square(case):
                                 case["top_p"])
     counts = torch.bincount(tokens, minlength=vocab)
     assert _chi_square_p_value(counts, probs, draws) > 1e-3
+
+
+# ---- the wrapper's kernel fast path (plain-number settings, tensor seed/offset) ------------------
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="no CPU kernel")
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(temperature=-0.5), ValueError, "temperature"),
+        (dict(temperature=float("nan")), ValueError, "temperature"),
+        (dict(top_k=-1), ValueError, "top_k"),
+        (dict(top_p=1.5), ValueError, "top_p"),
+        (dict(seed=torch.tensor([1, 2])), ValueError, "seed"),
+        (dict(seed=torch.tensor(1.0)), TypeError, "seed"),
+        (dict(offset=torch.tensor([1, 2])), ValueError, "offset"),
+        (dict(invalid=torch.zeros(2)), TypeError, "invalid"),
+        (dict(invalid=torch.zeros(3, dtype=torch.bool)), ValueError, "invalid"),
+        (dict(logits=torch.zeros(2, 5, dtype=torch.int64)), TypeError, "logits"),
+        (dict(logits=torch.zeros(2, 3, 5)), ValueError, "logits"),
+    ],
+)
+def test_fast_path_bad_input(kwargs, error, match):
+    args = dict(logits=torch.randn(2, 10), seed=torch.tensor(0), offset=torch.tensor(0), temperature=1.0, top_k=0,
+                top_p=1.0)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        sample_tokens(args.pop("logits"), **args)
+
+
+def test_fast_path_equals_general_path():
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(5))
+    for temperature, top_k, top_p in ((1.0, 0, 1.0), (0.7, 20, 0.9), (0.0, 5, 1.0)):
+        flags = torch.zeros(6, dtype=torch.bool)
+        fast = sample_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, seed=torch.tensor(11),
+                             offset=torch.tensor(4), invalid=flags)
+        general = sample_tokens(logits, temperature=torch.tensor(temperature), top_k=top_k, top_p=top_p, seed=11,
+                                offset=4, vocab_range=(0, 300))
+        assert torch.equal(fast, general)

@@ -147,6 +147,8 @@ class _ImageLoop:
         self.index = torch.zeros((1,), dtype=torch.long, device=device)
         self.codes = torch.zeros((self.batch, num_new), dtype=torch.long, device=device)
         self.invalid = torch.zeros((self.batch,), dtype=torch.bool, device=device)
+        self.row_seeds = list(self.seeds.unbind(0))  # per image: 0-dim views, bound once
+        self.row_invalid = list(self.invalid.split(1))
         self.lean = lean_cpu_step(transformer, self.cache) if lean else None
         # sampling settings as given to the wrapper: numbers, or (CUDA without a sampling kernel) one-element
         # device tensors, so the reference path copies nothing from the host inside a CUDA graph capture
@@ -164,8 +166,8 @@ class _ImageLoop:
         if self.guided:
             cond, uncond = logits[: self.batch], logits[self.batch:]
             logits = uncond + self.scale * (cond - uncond)
-        drawn = [ops.sample_tokens(logits[b: b + 1], seed=self.seeds[b], offset=self.offset,
-                                   invalid=self.invalid[b: b + 1], **self.settings) for b in range(self.batch)]
+        drawn = [ops.sample_tokens(row, seed=seed, offset=self.offset, invalid=flag, **self.settings)
+                 for row, seed, flag in zip(logits.split(1), self.row_seeds, self.row_invalid)]
         new = torch.cat(drawn)
         self.codes.index_copy_(1, self.index, new[:, None])
         self.tokens.copy_((torch.cat([new, new]) if self.guided else new)[:, None])

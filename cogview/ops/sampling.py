@@ -126,6 +126,20 @@ def sample_tokens(
     random stream) is in this module's docstring. Rows with no finite allowed logit return lo and
     set `invalid[row] = True` when a bool tensor `invalid` [rows] is given.
     """
+    if (type(temperature) is float and type(top_k) is int and -2**62 < top_k < 2**62 and type(top_p) is float
+            and vocab_range is None
+            and isinstance(logits, torch.Tensor) and isinstance(seed, torch.Tensor)
+            and isinstance(offset, torch.Tensor) and (invalid is None or isinstance(invalid, torch.Tensor))
+            and seed.device.type in ("cpu", logits.device.type) and offset.device.type in ("cpu", logits.device.type)
+            and has_kernel(_OP, logits.device.type)):
+        # Kernel fast path (a decoding loop's call: plain-number settings, tensor seed/offset): the op
+        # checks shapes, dtypes and values itself, with the same messages, so that one call costs little
+        # more than the kernel. Checked here only what the op cannot see: the seed/offset devices.
+        if (seed.device != logits.device and seed.device.type != "cpu") or (
+                offset.device != logits.device and offset.device.type != "cpu"):
+            raise ValueError(f"cogview.ops.{_OP}: `seed`/`offset` must be on the CPU or on {logits.device}")
+        return torch.ops.cogview.sample_tokens(logits, seed, offset, None, None, None, temperature, top_k, top_p,
+                                               0, -1, invalid)
     _checks.tensor(_OP, "logits", logits)
     if logits.dtype not in _checks.FLOAT_DTYPES:
         raise TypeError(f"cogview.ops.{_OP}: `logits` must be float32, float16, bfloat16 or float64, got "

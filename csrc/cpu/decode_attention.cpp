@@ -51,7 +51,8 @@ at::Tensor decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
   }
   pair_first_task.push_back(static_cast<int64_t>(tasks.size() / 3));
   const bool f64 = q.scalar_type() == at::kDouble;
-  at::Tensor partials = at::empty({slots * n * (dim + 2)}, q.options().dtype(f64 ? at::kDouble : at::kFloat));
+  at::Tensor partials;  // only when some sequence is split
+  if (slots > 0) partials = at::empty({slots * n * (dim + 2)}, q.options().dtype(f64 ? at::kDouble : at::kFloat));
 
   DecodeAttentionArgs a;
   a.batch = batch;
@@ -80,7 +81,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
   a.out_type = elem_type(out, "q");
   a.chunk = kChunk;
   a.chunk_base = chunk_base.data();
-  a.partials = partials.data_ptr();
+  a.partials = slots > 0 ? partials.data_ptr() : nullptr;
   a.f64 = f64;
   const int64_t task_count = static_cast<int64_t>(tasks.size() / 3);
   const int64_t pair_count = batch * heads;
