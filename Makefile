@@ -1,7 +1,7 @@
 # The two commands of the README:
-#   make demo   set up everything on a fresh machine and run the main job
+#   make demo   set up everything on a fresh machine and run the main job (images from the embedded model)
 #   make test   set up everything on a fresh machine and run the whole test suite (CI runs this)
-# Other targets: install, bench, cmake-check, cuda-check, wheel-check, clean.
+# Other targets: install, default-model, bench, cmake-check, cuda-check, wheel-check, clean.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +17,7 @@ ifneq ($(CCACHE),)
 CMAKE_LAUNCHER := -DCMAKE_CXX_COMPILER_LAUNCHER=ccache
 endif
 
-.PHONY: demo test install bench cmake-check cuda-check wheel-check clean
+.PHONY: demo default-model test install bench cmake-check cuda-check wheel-check clean
 
 $(VENV)/.torch-$(TORCH_VERSION):
 	$(PYTHON) -m venv $(VENV)
@@ -28,9 +28,16 @@ $(VENV)/.torch-$(TORCH_VERSION):
 install: $(VENV)/.torch-$(TORCH_VERSION)
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e '.[test]'
 
+# The main job: images from the embedded default model (no download), into out/.
 demo: install
 	$(PY) -m cogview.info
-	$(PY) bench/layer_norm.py --no-compile --dtypes float32 --rows 4096 --hidden 1024,2560
+	$(PY) -m cogview.cli generate "a red circle" "a blue triangle" "a large green square in the center" \
+	  "一个黄色圆形" -n 8 --out out/demo --no-progress
+	cp out/demo/grid.png out/grid.png && echo "make demo: wrote out/grid.png (and out/demo/)"
+
+# Train the embedded default model from scratch (recipes/default/) and measure its quality.
+default-model: install
+	$(PY) recipes/default/build.py
 
 test: install
 	@set +e; HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; \

@@ -5,8 +5,8 @@
     cogview caption IMG... --model MODEL_DIR
     cogview evaluate DATA_DIR --model MODEL_DIR
 
-The model: --model DIR, else $COGVIEW_MODEL, else the default model bundled with cogview (not bundled
-yet: an error says to pass --model).
+The model: --model DIR, else $COGVIEW_MODEL, else the default model embedded in the package
+(`cogview.assets.default_model_dir()`: trained on the built-in `shapes` data, 32x32 images).
 """
 from __future__ import annotations
 
@@ -24,14 +24,18 @@ class DefaultModelMissing(ValueError):
 
 
 def resolve_model_dir(model: str | None) -> str:
-    """--model, else $COGVIEW_MODEL, else the bundled default model (once one exists)."""
+    """--model, else $COGVIEW_MODEL, else the embedded default model."""
+    from cogview.assets import default_model_dir
+
     if model:
         return model
     if os.environ.get(MODEL_ENV):
         return os.environ[MODEL_ENV]
-    raise DefaultModelMissing(f"no default model is bundled with this cogview yet: pass --model DIR (a model "
-                              f"directory, e.g. one written by `cogview train` or `cogview convert`) or set "
-                              f"${MODEL_ENV}")
+    try:
+        return str(default_model_dir())
+    except FileNotFoundError as error:
+        raise DefaultModelMissing(f"{error}: pass --model DIR (a model directory, e.g. one written by `cogview "
+                                  f"train` or `cogview convert`) or set ${MODEL_ENV}") from None
 
 
 def _load(args):
