@@ -1,7 +1,7 @@
 # The two commands of the README:
 #   make demo   set up everything on a fresh machine and run the main job (images from the embedded model)
 #   make test   set up everything on a fresh machine and run the whole test suite (CI runs this)
-# Other targets: install, default-model, bench, cmake-check, cuda-check, wheel-check, clean.
+# Other targets: install, default-model, bench, cmake-check, sanitize-check, cuda-check, wheel-check, clean.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +17,7 @@ ifneq ($(CCACHE),)
 CMAKE_LAUNCHER := -DCMAKE_CXX_COMPILER_LAUNCHER=ccache
 endif
 
-.PHONY: demo default-model test install bench cmake-check cuda-check wheel-check clean
+.PHONY: demo default-model test install bench cmake-check sanitize-check cuda-check wheel-check clean
 
 $(VENV)/.torch-$(TORCH_VERSION):
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,29 @@ cmake-check: install
 	  w, b = torch.ones(33), torch.zeros(33); \
 	  torch.testing.assert_close(cogview.ops.layer_norm(x, w, b), cogview.ops.reference.layer_norm(x, w, b)); \
 	  print('cmake build of cogview._C: OK')"
+
+# The op tests and the fuzz test against an AddressSanitizer + UndefinedBehaviorSanitizer build of _C
+# (CMake, COGVIEW_SANITIZE=ON), staged like cmake-check. The python interpreter is not instrumented, so
+# the compiler's sanitizer runtimes are preloaded. Leak detection is off: CPython and libtorch keep
+# allocations alive until exit by design, and they are not ours. No suppressions: any report in csrc/
+# aborts the test process, which fails the target.
+SANITIZE_TESTS ?= tests/test_layer_norm.py tests/test_local_attention.py tests/test_decoding.py \
+  tests/test_sampling.py tests/test_fuzz_ops.py
+SANITIZE_CC ?= $(or $(shell command -v gcc 2>/dev/null),cc)
+sanitize-check: install
+	cmake -S . -B build/cmake-asan -G Ninja -DCOGVIEW_SANITIZE=ON -DPython3_EXECUTABLE=$(abspath $(PY)) \
+	  $(CMAKE_LAUNCHER) > /dev/null
+	cmake --build build/cmake-asan
+	rm -rf build/asan-stage && mkdir -p build/asan-stage && cp -r cogview tests build/asan-stage/
+	rm -f build/asan-stage/cogview/_C*.so && cp build/cmake-asan/_C*.so build/asan-stage/cogview/
+	cd build/asan-stage && \
+	  export LD_PRELOAD="$$($(SANITIZE_CC) -print-file-name=libasan.so) $$($(SANITIZE_CC) -print-file-name=libubsan.so)" \
+	    ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1 \
+	    UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 HYPOTHESIS_PROFILE=ci && \
+	  $(abspath $(PY)) -c "import cogview; assert cogview._native.BUILD_INFO['build_tool'] == 'cmake'; \
+	    assert cogview.__file__.startswith('$(abspath build/asan-stage)'), cogview.__file__; \
+	    print('sanitizer build of cogview._C: loaded')" && \
+	  $(abspath $(PY)) -m pytest -q -p no:cacheprovider $(SANITIZE_TESTS)
 
 # Compile and link every CUDA kernel without a GPU (CUDA build of torch + nvcc), then check that each
 # op with a CUDA kernel in csrc/cuda is registered for CUDA.

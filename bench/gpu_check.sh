@@ -7,8 +7,10 @@
 # one failed; a summary with the status and seconds of each part comes at the end:
 #   build      MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 setup.py build_ext --inplace, then
 #              build_tools/cuda_check.py (every CUDA op registered)
-#   tests      pytest -m cuda (tests/test_<op>_cuda.py and tests/test_<op>.py for --ops, else tests/)
-#   sanitize   each CUDA op test file once under compute-sanitizer --tool memcheck
+#   tests      pytest -m cuda (the CUDA test files below for --ops, else tests/)
+#   sanitize   each CUDA test file once under compute-sanitizer --tool memcheck: every
+#              tests/test_*_cuda.py and every tests/test_*.py with cuda-marked tests (with --ops,
+#              those that name one of the ops)
 #   racecheck  the same under --tool racecheck (slow: give a narrow --racecheck-k)
 #   bench      bench/<op>_gpu.py --device cuda (else bench/<op>.py --device cuda); all bench/*_gpu.py
 #              without --ops
@@ -134,16 +136,22 @@ run_logged() {
   return $rc
 }
 
-test_files() {  # CUDA test files for the selected ops (all tests/test_*_cuda.py without --ops)
-  local files=()
-  if [ -z "$OPS" ]; then
-    for f in tests/test_*_cuda.py; do [ -e "$f" ] && files+=("$f"); done
-  else
-    for op in "${OP_LIST[@]}"; do
-      [ -e "tests/test_${op}_cuda.py" ] && files+=("tests/test_${op}_cuda.py")
-      [ -e "tests/test_${op}.py" ] && [ "$1" = with_plain ] && files+=("tests/test_${op}.py")
-    done
-  fi
+test_files() {  # the CUDA test files: tests/test_*_cuda.py and any tests/test_*.py with cuda-marked
+  # tests (`@pytest.mark.cuda` or `pytestmark = pytest.mark.cuda`); with --ops, those naming one of them
+  local f op files=()
+  for f in tests/test_*.py; do
+    [ -e "$f" ] || continue
+    case "$f" in
+      *_cuda.py) ;;
+      *) grep -qE "mark\.cuda\b" "$f" || continue ;;
+    esac
+    if [ -n "$OPS" ]; then
+      local named=no
+      for op in "${OP_LIST[@]}"; do grep -qw "$op" "$f" && named=yes; done
+      [ "$named" = yes ] || continue
+    fi
+    files+=("$f")
+  done
   echo "${files[@]:-}"
 }
 
@@ -160,7 +168,7 @@ part_tests() {
   [ "$TEST_DEPS" = ok ] || { echo "skipped (pytest/hypothesis missing)"; return 3; }
   local files=""
   if [ -n "$OPS" ]; then
-    files="$(test_files with_plain)"
+    files="$(test_files)"
     [ -n "$files" ] || { echo "no test files for --ops $OPS" >> "$LOGFILE"; return 1; }
   fi
   local args=(-m pytest -m cuda -q -rfEs -p no:cacheprovider)
@@ -178,7 +186,7 @@ part_sanitizer() {  # tool k-expression
   [ -n "$SANITIZER" ] || { echo "compute-sanitizer not found" >> "$LOGFILE"; return 4; }
   [ "$TEST_DEPS" = ok ] || return 3
   local files rc=0
-  files="$(test_files cuda_only)"
+  files="$(test_files)"
   [ -n "$files" ] || { echo "no CUDA test files to run under $tool" >> "$LOGFILE"; return 1; }
   for f in $files; do
     echo "=== $tool: $f (-k '$k')" >> "$LOGFILE"

@@ -166,6 +166,15 @@ if sys.byteorder != "little":  # pragma: no cover
 # ---------------------------------------------------------------------------------------------
 
 CRC_METADATA_KEY = "cogview.crc32"
+# CRC-32 of the tensor table (names, dtypes, shapes, byte ranges): damage there that keeps the byte ranges
+# consistent (e.g. the shape of an empty tensor) is caught too.
+HEADER_CRC_METADATA_KEY = "cogview.header_crc32"
+
+
+def _table_crc(entries: Mapping[str, Mapping]) -> str:
+    canonical = {name: {"dtype": e["dtype"], "shape": [int(s) for s in e["shape"]],
+                        "data_offsets": [int(o) for o in e["data_offsets"]]} for name, e in entries.items()}
+    return f"{zlib.crc32(json.dumps(canonical, sort_keys=True, separators=(',', ':')).encode()):08x}"
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -211,6 +220,7 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor
         full = dict(meta)
         if checksums:
             full[CRC_METADATA_KEY] = json.dumps({n: f"{c:08x}" for n, c in crcs.items()}, separators=(",", ":"))
+            full[HEADER_CRC_METADATA_KEY] = _table_crc(header)
         content = {"__metadata__": full} if full else {}
         content.update(header)
         raw = json.dumps(content, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -289,6 +299,15 @@ class SafetensorsFile:
         self.metadata: dict[str, str] = {str(k): str(v) for k, v in metadata.items()}
         entries = {}
         ranges = []
+        if HEADER_CRC_METADATA_KEY in self.metadata and CRC_METADATA_KEY not in self.metadata:
+            raise self._corrupt("damaged header: the tensor checksums are missing")  # (written together)
+        if HEADER_CRC_METADATA_KEY in self.metadata:
+            try:
+                table_ok = _table_crc(content) == self.metadata[HEADER_CRC_METADATA_KEY]
+            except (KeyError, TypeError, ValueError, AttributeError):
+                table_ok = False
+            if not table_ok:
+                raise self._corrupt("damaged header: the tensor table does not match its checksum")
         for name, entry in content.items():
             try:
                 code, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
@@ -329,6 +348,8 @@ class SafetensorsFile:
                 self._crcs = {k: int(v, 16) for k, v in json.loads(self.metadata[CRC_METADATA_KEY]).items()}
             except (ValueError, AttributeError, TypeError):
                 raise self._corrupt("damaged checksum table in the header") from None
+            if set(self._crcs) != set(entries):  # a damaged tensor name, or a damaged table
+                raise self._corrupt("damaged header: the checksum table does not list the same tensors as the header")
 
     # ---- context manager ----
     def close(self) -> None:
@@ -377,6 +398,8 @@ class SafetensorsFile:
             if verify and name in self._crcs and zlib.crc32(view) != self._crcs[name]:
                 raise self._corrupt(f"checksum mismatch in {name!r}: the file is damaged")
             del view
+        elif verify and self._crcs.get(name, 0) != 0:  # an empty tensor's checksum is crc32(b"") = 0
+            raise self._corrupt(f"checksum mismatch in {name!r}: the file is damaged")
         if dtype is not None and tensor.is_floating_point() and dtype != stored:
             tensor = tensor.to(device=device, dtype=dtype) if device is not None else tensor.to(dtype)
         elif device is not None:

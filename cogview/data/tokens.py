@@ -132,26 +132,50 @@ class TokenDataset(torch.utils.data.Dataset):
         self.header = json.loads((self.path / "header.json").read_text())
         if self.header.get("version") != VERSION:
             raise ValueError(f"TokenDataset: {self.path} has version {self.header.get('version')}, expected {VERSION}")
-        self.num_items = int(self.header["num_items"])
-        self.code_shape = tuple(self.header["code_shape"])
-        self.codebook_size = int(self.header["codebook_size"])
+        try:
+            self.num_items = int(self.header["num_items"])
+            self.code_shape = tuple(int(v) for v in self.header["code_shape"])
+            self.codebook_size = int(self.header["codebook_size"])
+            itemsize = np.dtype(self.header["dtype"]).itemsize
+            if len(self.code_shape) != 2 or self.num_items < 0:
+                raise ValueError("bad code_shape or num_items")
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"TokenDataset: {self.path / 'header.json'} is damaged ({type(error).__name__}: "
+                             f"{error})") from None
         row = self.code_shape[0] * self.code_shape[1]
+        if not (self.path / "codes.bin").is_file():
+            raise ValueError(f"TokenDataset: {self.path / 'codes.bin'} is missing")
         size = (self.path / "codes.bin").stat().st_size
-        if size != self.num_items * row * np.dtype(self.header["dtype"]).itemsize:
+        if size != self.num_items * row * itemsize:
             raise ValueError(f"TokenDataset: {self.path / 'codes.bin'} has {size} bytes, expected "
                              f"{self.num_items} x {row} x {self.header['dtype']}")
         self._codes = (np.memmap(self.path / "codes.bin", dtype=self.header["dtype"], mode="r",
                                  shape=(self.num_items, row)) if self.num_items else np.zeros((0, row), np.uint16))
-        with open(self.path / "captions.jsonl", encoding="utf-8") as f:
-            self._captions = [json.loads(line) for line in f]
+        captions_file = self.path / "captions.jsonl"
+        self._captions = []
+        try:
+            with open(captions_file, encoding="utf-8") as f:
+                for number, line in enumerate(f, 1):
+                    caps = json.loads(line)
+                    if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+                        raise ValueError("not a JSON list of strings")
+                    self._captions.append(caps)
+        except (UnicodeDecodeError, ValueError) as error:  # json.JSONDecodeError is a ValueError
+            where = f" line {number}" if "number" in locals() else ""
+            raise ValueError(f"TokenDataset: {captions_file}{where} is damaged ({error})") from None
         if len(self._captions) != self.num_items:
-            raise ValueError(f"TokenDataset: {len(self._captions)} caption lines for {self.num_items} items")
+            raise ValueError(f"TokenDataset: {captions_file} has {len(self._captions)} caption lines for "
+                             f"{self.num_items} items")
 
     def __len__(self) -> int:
         return self.num_items
 
     def codes(self, index: int) -> np.ndarray:
-        return np.asarray(self._codes[int(index)], dtype=np.int64)
+        codes = np.asarray(self._codes[int(index)], dtype=np.int64)
+        if codes.size and int(codes.max()) >= self.codebook_size:  # a damaged codes.bin: never silent
+            raise ValueError(f"TokenDataset: {self.path / 'codes.bin'} is damaged: item {int(index)} has code "
+                             f"{int(codes.max())} >= the codebook size {self.codebook_size}")
+        return codes
 
     def captions(self, index: int) -> list[str]:
         return list(self._captions[int(index)])

@@ -9,6 +9,7 @@ CPU kernel, which raises before writing or reading anything out of range.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -41,6 +42,52 @@ def _check_positions(op: str, name: str, value, batch: int, device) -> None:
         raise ValueError(f"cogview.ops.{op}: `{name}` is on {value.device} but the cache is on {device}")
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _attention_scalars(op: str, q: torch.Tensor, scale, text_len, text_bias) -> tuple[float, int, float]:
+    """scale (default head_dim**-0.5), text_len and text_bias as the op takes them, or a clear error.
+    Finiteness is checked by the kernel (and below for the reference path)."""
+    if scale is None:
+        if q.dim() < 1 or q.shape[-1] < 1:
+            raise ValueError(f"cogview.ops.{op}: `q` needs head_dim >= 1 for the default scale, got shape "
+                             f"{tuple(q.shape)}")
+        scale = q.shape[-1] ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"cogview.ops.{op}: `scale` must be a number or None, got {type(scale).__name__}")
+    if isinstance(text_len, bool) or not isinstance(text_len, (int, torch.SymInt)):
+        try:  # numpy / 0-d integer tensors; floats are refused
+            text_len = operator.index(text_len)
+        except TypeError:
+            raise TypeError(f"cogview.ops.{op}: `text_len` must be an int, got {type(text_len).__name__}") from None
+    if isinstance(text_len, int):  # keys at positions < text_len: beyond int64 means the same as its ends
+        text_len = min(max(text_len, _INT64_MIN), _INT64_MAX)
+    if isinstance(text_bias, bool) or not isinstance(text_bias, (int, float, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"cogview.ops.{op}: `text_bias` must be a number, got {type(text_bias).__name__}")
+    return float(scale), text_len, float(text_bias)
+
+
+def _share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when the byte ranges of two tensors on one storage intersect (views of one buffer that do
+    not intersect, e.g. cache[0] and cache[1], are fine)."""
+    if torch.compiler.is_compiling() or a.device.type == "meta" or not (a.numel() and b.numel()):
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    if a.data_ptr() == b.data_ptr():
+        return True
+    if not (a.is_contiguous() and b.is_contiguous()):  # interleaved views: too hard to tell, as in ATen
+        return False
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        first = t.storage_offset()
+        last = first + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        return first * t.element_size(), (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
 def kv_cache_write(k_cache, v_cache, k_new, v_new, start) -> None:
     """Write n new keys/values per sequence into the caches, in place, at positions
     start[b] .. start[b] + n - 1. Caches [B, heads, max_len, d]; k_new/v_new [B, heads, n, d]
@@ -62,6 +109,12 @@ def kv_cache_write(k_cache, v_cache, k_new, v_new, start) -> None:
                          f"{tuple(k_new.shape)}")
     _checks.same_device(op, "k_cache", k_cache, k_new=k_new, v_new=v_new)
     _check_positions(op, "start", start, batch, k_cache.device)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if any(stride == 0 and size > 1 for size, stride in zip(cache.shape, cache.stride())):
+            raise ValueError(f"cogview.ops.{op}: `{name}` is written in place but some of its elements share "
+                             f"memory (an expanded view?); pass a tensor that owns its elements (e.g. .clone())")
+    if _share_memory(k_cache, v_cache):
+        raise ValueError(f"cogview.ops.{op}: `k_cache` and `v_cache` share memory; they must be separate tensors")
     n = k_new.shape[2]
     if not torch.compiler.is_compiling() and start.numel() and not k_cache.is_cuda:
         lo, hi = int(start.min()), int(start.max())
@@ -81,9 +134,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, text_len=0, te
     """
     op = "decode_attention"
     if _checks.kernel_path(op, "q", q, k_cache=k_cache, v_cache=v_cache, lengths=lengths):
-        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        return torch.ops.cogview.decode_attention(q, k_cache, v_cache, lengths, scale, int(text_len),
-                                                  float(text_bias))
+        scale, text_len, text_bias = _attention_scalars(op, q, scale, text_len, text_bias)
+        return torch.ops.cogview.decode_attention(q, k_cache, v_cache, lengths, scale, text_len, text_bias)
     _checks.floating(op, "q", q)
     _check_cache_pair(op, k_cache, v_cache)
     batch, heads, max_len, dim = k_cache.shape
@@ -98,12 +150,12 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, text_len=0, te
         if lo < n or hi > max_len:
             raise ValueError(f"cogview.ops.{op}: `lengths` must lie in [n, max_len] = [{n}, {max_len}], got "
                              f"values in [{lo}, {hi}]")
-    scale = dim**-0.5 if scale is None else float(scale)
+    scale, text_len, text_bias = _attention_scalars(op, q, scale, text_len, text_bias)
     if not math.isfinite(scale):
         raise ValueError(f"cogview.ops.{op}: `scale` must be finite, got {scale}")
-    if not math.isfinite(float(text_bias)):
+    if not math.isfinite(text_bias):
         raise ValueError(f"cogview.ops.{op}: `text_bias` must be finite, got {text_bias}")
-    return reference.decode_attention(q, k_cache, v_cache, lengths, scale, int(text_len), float(text_bias))
+    return reference.decode_attention(q, k_cache, v_cache, lengths, scale, text_len, text_bias)
 
 
 # ---- fake (meta) implementations: shapes and dtypes only, for torch.compile and export ----

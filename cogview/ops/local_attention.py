@@ -137,6 +137,8 @@ def local_attention(
             raise ValueError(
                 f"cogview.ops.{_OP}: `text_v` has shape {tuple(text_v.shape)} but `text_k` has {tuple(text_k.shape)}"
             )
+    # A window of 2 * grid - 1 keys already reaches every key from any centre: larger ones mean the same.
+    kh, kw = min(kh, 2 * hk - 1), min(kw, 2 * wk - 1)
     text_bias = _finite("text_bias", text_bias)
     scale = q.shape[3] ** -0.5 if scale is None else _finite("scale", scale)
     if has_kernel(_OP, q.device.type):

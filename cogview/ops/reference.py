@@ -89,7 +89,11 @@ def decode_attention(q, k_cache, v_cache, lengths, scale=None, text_len=0, text_
     logits = torch.matmul(q.to(acc), k_cache.to(acc).transpose(-1, -2)) * scale
     logits = logits + text_bias * (key_pos < text_len).to(acc)
     logits = logits.masked_fill(~visible[:, None], float("-inf"))
-    return torch.matmul(torch.softmax(logits, dim=-1), v_cache.to(acc)).to(q.dtype)
+    # Positions no query sees (>= lengths[b]: stale or never written) must not reach the output, not
+    # even as 0 * NaN.
+    unused = (key_pos[None, :] >= lengths.to(torch.long)[:, None])[:, None, :, None]  # [B, 1, max_len, 1]
+    values = v_cache.to(acc).masked_fill(unused, 0)
+    return torch.matmul(torch.softmax(logits, dim=-1), values).to(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ which may live on the logits' device (CUDA: read there, no host synchronisation)
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -147,11 +148,14 @@ def sample_tokens(
     if logits.dim() != 2:
         raise ValueError(f"cogview.ops.{_OP}: `logits` must be [rows, vocab], got shape {tuple(logits.shape)}")
     rows, vocab = logits.shape
+    if vocab == 0:
+        raise ValueError(f"cogview.ops.{_OP}: `logits` needs a vocabulary of at least one id, got shape "
+                         f"{tuple(logits.shape)}")
     if vocab_range is None:
         lo, hi = 0, vocab
     else:
-        try:
-            lo, hi = (int(v) for v in vocab_range)
+        try:  # ints (also numpy or 0-d integer tensor ones); floats are refused, not truncated
+            lo, hi = (operator.index(v) for v in vocab_range)
         except (TypeError, ValueError):
             raise TypeError(f"cogview.ops.{_OP}: `vocab_range` must be None or a pair of ints (lo, hi), got "
                             f"{vocab_range!r}") from None
@@ -175,7 +179,7 @@ def sample_tokens(
         else:
             scalars[name] = value
     t_value = float(scalars.get("temperature", 1.0))
-    k_value = int(scalars.get("top_k", 0))
+    k_value = min(int(scalars.get("top_k", 0)), 2**63 - 1)  # beyond any range size: keeps every id either way
     p_value = float(scalars.get("top_p", 1.0))
     if not (math.isfinite(t_value) and 0 <= t_value <= _FLOAT32_MAX):
         raise ValueError(f"cogview.ops.{_OP}: `temperature` must be finite and >= 0, got {temperature!r}")
@@ -191,6 +195,9 @@ def sample_tokens(
             raise ValueError(f"cogview.ops.{_OP}: `invalid` must be a bool tensor of shape ({rows},), got "
                              f"{invalid.dtype} {tuple(invalid.shape)}")
         _checks.same_device(_OP, "logits", logits, invalid=invalid)
+        if rows > 1 and invalid.stride(0) == 0:
+            raise ValueError(f"cogview.ops.{_OP}: `invalid` is written in place but its elements share memory "
+                             f"(an expanded view?)")
 
     if has_kernel(_OP, logits.device.type):
         if not isinstance(seed, torch.Tensor):
@@ -202,7 +209,7 @@ def sample_tokens(
             t_value, k_value, p_value, lo, hi, invalid,
         )
     _check_param_values(temperature, top_k, top_p)
-    return reference.sample_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+    return reference.sample_tokens(logits, temperature=temperature, top_k=tensors.get("top_k", k_value), top_p=top_p,
                                    vocab_range=(lo, hi), seed=seed, offset=offset, invalid=invalid)
 
 

@@ -10,9 +10,12 @@
                                      (tensors only; read with torch.load(weights_only=True))
         latest                       the name of the newest complete checkpoint
 
-Atomicity: every process writes into `step-N.tmp/`; after a barrier rank 0 adds trainer.json, renames the
-folder to `step-N/` and then rewrites `latest` (itself atomically). A crash at any point leaves the
-previous checkpoint and `latest` intact; a leftover `.tmp` folder is ignored and cleared by the next save.
+Atomicity: every process writes into `step-N.tmp/`; after a barrier rank 0 adds trainer.json, fsyncs every
+file, renames the folder to `step-N/` and then rewrites `latest` (itself atomically). A crash at any point
+(even a SIGKILL or a power cut) leaves the previous checkpoint and `latest` intact; a leftover `.tmp` folder
+is ignored and cleared by the next save. A checkpoint folder counts only when it has its trainer.json
+(written last); when `latest` names none such, resuming takes the newest complete `step-N/` instead.
+Loading a damaged checkpoint raises CheckpointCorruptError naming the file.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # (a BaseException)
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -35,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from cogview.checkpoint import atomic_write_text
+from cogview.checkpoint import CheckpointCorruptError, atomic_write_text
 from cogview.training.distributed import DistEnv, barrier, broadcast_object
 
 __all__ = ["CheckpointManager", "rng_state", "set_rng_state", "full_model_state_dict"]
@@ -79,6 +83,33 @@ def full_model_state_dict(model: torch.nn.Module, env: DistEnv) -> dict[str, tor
     return state if env.is_main else None
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then the folders themselves."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for path in [folder, *sorted(p for p in folder.rglob("*") if p.is_dir())]:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def _quiet():
     ctx = warnings.catch_warnings()
     ctx.__enter__()
@@ -99,12 +130,27 @@ class CheckpointManager:
     def name(step: int) -> str:
         return f"step-{step:08d}"
 
+    def complete(self) -> list[Path]:
+        """The complete checkpoint folders (with their trainer.json), oldest first."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.glob("step-*")
+                      if p.is_dir() and not p.name.endswith(".tmp") and (p / TRAINER_FILE).is_file())
+
     def latest(self) -> Path | None:
+        """The checkpoint `latest` names; the newest complete one when it names none (missing or unreadable
+        pointer, or a folder that is gone or incomplete); None when there is no complete checkpoint."""
         pointer = self.directory / LATEST
-        if not pointer.is_file():
-            return None
-        path = self.directory / pointer.read_text().strip()
-        return path if (path / TRAINER_FILE).is_file() else None
+        if pointer.is_file():
+            try:
+                name = pointer.read_text().strip()
+            except (OSError, UnicodeDecodeError):
+                name = ""
+            path = self.directory / name
+            if name and "/" not in name and (path / TRAINER_FILE).is_file():
+                return path
+        done = self.complete()
+        return done[-1] if done else None
 
     def resolve(self, resume) -> Path | None:
         """The checkpoint folder meant by --resume ('latest' / True, or a path); None when 'latest' finds none."""
@@ -115,10 +161,14 @@ class CheckpointManager:
         path = Path(resume)
         if (path / TRAINER_FILE).is_file():
             return path
-        if (path / "training" / "checkpoints" / LATEST).is_file():  # a run directory
-            return CheckpointManager(path / "training" / "checkpoints", self.env).latest()
-        if (path / LATEST).is_file():  # a checkpoints directory
-            return CheckpointManager(path, self.env).latest()
+        if (path / "training" / "checkpoints").is_dir():  # a run directory
+            found = CheckpointManager(path / "training" / "checkpoints", self.env).latest()
+            if found is not None:
+                return found
+        if (path / LATEST).is_file() or path.name == "checkpoints":  # a checkpoints directory
+            found = CheckpointManager(path, self.env).latest()
+            if found is not None:
+                return found
         raise FileNotFoundError(f"--resume {resume}: not a checkpoint (no {TRAINER_FILE}), run directory or "
                                 f"checkpoints folder")
 
@@ -144,7 +194,11 @@ class CheckpointManager:
             state = dict(trainer_state, step=step, world_size=self.env.world_size,
                          has_optimizer_state=bool(optimizer.state))
             (tmp / TRAINER_FILE).write_text(json.dumps(state, indent=2, ensure_ascii=False) + "\n")
-            if final.exists():
+            _fsync_tree(tmp)  # the data is on disk before the folder gets its final name
+            if final.exists():  # (re-saving a step: the pointer must not name a folder that is going away)
+                previous = [p for p in self.complete() if p != final]
+                if previous:
+                    atomic_write_text(self.directory / LATEST, previous[-1].name + "\n")
                 shutil.rmtree(final)
             os.replace(tmp, final)
             atomic_write_text(self.directory / LATEST, final.name + "\n")
@@ -162,8 +216,16 @@ class CheckpointManager:
     def load(self, path: Path, model, optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
         """Restore model and optimizer in place; returns (trainer_state, this rank's state). A checkpoint
         from the same number of processes restores each rank's own state; otherwise every rank gets
-        rank 0's (RNG streams then differ from an uninterrupted run; the data order does not)."""
-        trainer_state = json.loads((path / TRAINER_FILE).read_text())
+        rank 0's (RNG streams then differ from an uninterrupted run; the data order does not).
+        A damaged checkpoint raises CheckpointCorruptError naming the file."""
+        trainer_file = path / TRAINER_FILE
+        try:
+            trainer_state = json.loads(trainer_file.read_text(encoding="utf-8"))
+            if not isinstance(trainer_state, dict) or "step" not in trainer_state or "position" not in trainer_state:
+                raise ValueError("not a trainer state (no step / position)")
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise CheckpointCorruptError(f"{trainer_file}: damaged training checkpoint ({error}); resume from "
+                                         f"another checkpoint (pass its folder to --resume)") from None
         ctx = _quiet()
         try:
             if trainer_state.get("has_optimizer_state", True):
@@ -177,12 +239,22 @@ class CheckpointManager:
                 dcp.load(state, checkpoint_id=str(path))
                 set_model_state_dict(model, state["model"])
                 optimizer.state.clear()
+        except CheckpointCorruptError:
+            raise
+        except (Exception, CheckpointException) as error:  # damaged .distcp / .metadata: say which checkpoint
+            raise CheckpointCorruptError(f"{path}: the model/optimizer state of this training checkpoint cannot be "
+                                         f"read ({type(error).__name__}: {_first_line(error)}); resume from another "
+                                         f"checkpoint (pass its folder to --resume)") from error
         finally:
             ctx.__exit__(None, None, None)
         own = path / f"rank-{self.env.rank:05d}.pt"
         same_world = trainer_state.get("world_size") == self.env.world_size
         rank_file = own if (same_world and own.is_file()) else path / "rank-00000.pt"
-        rank_state = torch.load(rank_file, map_location="cpu", weights_only=True) if rank_file.is_file() else {}
+        try:
+            rank_state = torch.load(rank_file, map_location="cpu", weights_only=True) if rank_file.is_file() else {}
+        except Exception as error:
+            raise CheckpointCorruptError(f"{rank_file}: damaged training checkpoint ({type(error).__name__}: "
+                                         f"{_first_line(error)})") from error
         rank_state["_same_world"] = same_world
         return trainer_state, rank_state
 

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "cpu/isa.h"
@@ -19,7 +20,11 @@ constexpr int64_t kChunk = 512;
 // region; a second region costs a barrier, which on a busy machine can cost a time slice).
 constexpr int64_t kPairsPerThread = 4;
 
-at::Tensor unit_last(const at::Tensor& t) { return t.stride(3) == 1 || t.size(3) == 1 ? t : t.contiguous(); }
+// `t` with unit stride along head_dim; a copy holds only the first `used` positions (dim 2), the
+// ones any query can see, so an expanded cache view is never materialised whole.
+at::Tensor unit_last(const at::Tensor& t, int64_t used) {
+  return t.stride(3) == 1 || t.size(3) == 1 ? t : t.narrow(2, 0, used).contiguous();
+}
 
 at::Tensor decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                 const at::Tensor& lengths, double scale, int64_t text_len, double text_bias) {
@@ -34,7 +39,8 @@ at::Tensor decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
   }
   at::Tensor out = at::empty({batch, heads, n, dim}, q_in.options());
   if (out.numel() == 0) return out;
-  const at::Tensor q = unit_last(q_in), k = unit_last(k_in), v = unit_last(v_in);
+  const int64_t used = *std::max_element(len, len + batch);
+  const at::Tensor q = unit_last(q_in, n), k = unit_last(k_in, used), v = unit_last(v_in, used);
 
   // Tasks (b, h, chunk), pair-major; partial slots only for the sequences that are split.
   std::vector<int64_t> tasks, all_pairs, pair_first_task, chunk_base(batch, 0);

@@ -52,7 +52,7 @@ void kv_cache_write_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, co
   // Every position is checked before anything is written: a bad call leaves the caches untouched.
   for (int64_t b = 0; b < start64.size(0); ++b) {
     TORCH_CHECK_VALUE(s[b] >= 0 && s[b] <= max_len - n, "cogview: kv_cache_write of ", n,
-                      " positions from start[", b, "] = ", s[b], " overruns the cache (max_len ", max_len, ")");
+                      " positions from `start[", b, "]` = ", s[b], " overruns the cache (max_len ", max_len, ")");
   }
   write_one(k_cache, k_new, start64, "k_new");
   write_one(v_cache, v_new, start64, "v_new");

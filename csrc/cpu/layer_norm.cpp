@@ -128,6 +128,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor* residua
                                                        double eps, bool pb_relax) {
   const int64_t hidden = branch.size(-1);
   const at::ScalarType acc = ops::accumulator_type(branch);
+  if (branch.numel() == 0) {
+    // No rows: nothing to read, and the parameters are not converted (an expanded weight of a
+    // huge hidden size must not be materialised for an empty input).
+    at::Tensor out = at::empty(branch.sizes(), branch.options().dtype(residual ? residual->scalar_type()
+                                                                                 : branch.scalar_type()));
+    at::Tensor normed = w_next ? at::empty(branch.sizes(), branch.options()) : branch.new_empty({0});
+    return {out, normed, at::empty({0, w_next ? 4 : 2}, branch.options().dtype(acc))};
+  }
   at::Tensor branch_rows = as_rows(branch, hidden);
   at::Tensor residual_rows = residual ? as_rows(*residual, hidden) : at::Tensor();
   const int64_t rows = branch_rows.size(0);

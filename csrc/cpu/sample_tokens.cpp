@@ -57,16 +57,28 @@ at::Tensor sample_tokens_cpu(const at::Tensor& logits_in, const at::Tensor& seed
 
   at::Tensor tokens = at::empty({rows}, logits_in.options().dtype(at::kLong));
   if (rows == 0) return tokens;
-  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  // Logits without unit stride along the vocabulary (a transposed or expanded view) are copied,
+  // but only the allowed columns, and one row when every row is the same memory (stride 0): an
+  // expanded [rows, V] view must not be materialised. The kernel then sees ids [0, hi - lo).
+  int64_t lo = vocab_lo, id_shift = 0;
+  at::Tensor logits = logits_in;
+  bool shared_rows = false;
+  if (logits_in.stride(1) != 1) {
+    logits = logits_in.narrow(1, vocab_lo, hi - vocab_lo);
+    shared_rows = rows > 1 && logits.stride(0) == 0;
+    logits = (shared_rows ? logits.narrow(0, 0, 1) : logits).contiguous();
+    id_shift = vocab_lo;
+    lo = 0;
+  }
   at::Tensor flags;
   if (invalid) flags = invalid->is_contiguous() ? *invalid : invalid->contiguous();
 
   SampleTokensArgs a;
-  a.vocab_lo = vocab_lo;
-  a.vocab_hi = hi;
+  a.vocab_lo = lo;
+  a.vocab_hi = hi - id_shift;
   a.logits = logits.data_ptr();
   a.logits_type = elem_type(logits, "logits");
-  a.row_stride = rows > 1 ? logits.stride(0) : logits.size(1);
+  a.row_stride = shared_rows ? 0 : rows > 1 ? logits.stride(0) : logits.size(1);
   a.temperature = t_rows.defined() ? t_rows.data_ptr<float>() : nullptr;
   a.top_k = k_rows.defined() ? k_rows.data_ptr<int64_t>() : nullptr;
   a.top_p = p_rows.defined() ? p_rows.data_ptr<double>() : nullptr;
@@ -81,6 +93,7 @@ at::Tensor sample_tokens_cpu(const at::Tensor& logits_in, const at::Tensor& seed
     COGVIEW_CPU_DISPATCH(sample_tokens, a, begin, end);
   });
   if (flags.defined() && !flags.is_same(*invalid)) invalid->copy_(flags);
+  if (id_shift != 0) tokens.add_(id_shift);
   return tokens;
 }
 

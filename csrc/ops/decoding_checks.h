@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <cmath>
 #include <optional>
@@ -25,6 +26,20 @@ inline void check_cache_pair(const at::Tensor& k_cache, const at::Tensor& v_cach
                     " but `k_cache` has ", k_cache.sizes());
   TORCH_CHECK_VALUE(v_cache.device() == k_cache.device(), "cogview: `v_cache` is on ", v_cache.device(),
                     " but `k_cache` is on ", k_cache.device());
+}
+
+// The caches are written in place: no two of their elements may share memory (an expanded view),
+// and k_cache and v_cache must not share memory with each other.
+inline void check_writable_caches(const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{k_cache, "k_cache"}, {v_cache, "v_cache"}}) {
+    TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, "cogview: `", name,
+                      "` is written in place but some of its elements share memory (an expanded view?); "
+                      "pass a tensor that owns its elements (e.g. .clone())");
+  }
+  const at::MemOverlapStatus overlap = at::get_overlap_status(k_cache, v_cache);
+  const bool same_start = k_cache.numel() > 0 && k_cache.data_ptr() == v_cache.data_ptr();
+  TORCH_CHECK_VALUE(!same_start && overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
+                    "cogview: `k_cache` and `v_cache` share memory; they must be separate tensors");
 }
 
 inline void check_rows_like_cache(const at::Tensor& t, const char* name, const at::Tensor& cache) {
@@ -55,6 +70,7 @@ inline void check_kv_cache_write(const at::Tensor& k_cache, const at::Tensor& v_
   TORCH_CHECK_VALUE(v_new.sizes() == k_new.sizes(), "cogview: `v_new` has shape ", v_new.sizes(),
                     " but `k_new` has ", k_new.sizes());
   check_positions(start, "start", k_cache.size(0), k_cache.device());
+  check_writable_caches(k_cache, v_cache);
 }
 
 inline void check_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -104,8 +120,8 @@ inline void check_sample_tokens(const at::Tensor& logits, const at::Tensor& seed
   const int64_t hi = vocab_hi < 0 ? vocab : vocab_hi;
   TORCH_CHECK_VALUE(vocab_lo >= 0 && vocab_lo < hi && hi <= vocab, "cogview: `vocab_range` (", vocab_lo, ", ", hi,
                     ") must satisfy 0 <= lo < hi <= vocab size ", vocab);
-  TORCH_CHECK_VALUE(hi - vocab_lo <= (int64_t{1} << 31) - 1, "cogview: a vocab range of ", hi - vocab_lo,
-                    " ids is too large (at most 2^31 - 1)");
+  TORCH_CHECK_VALUE(hi - vocab_lo <= (int64_t{1} << 31) - 1, "cogview: `vocab_range` (", vocab_lo, ", ", hi,
+                    ") spans ", hi - vocab_lo, " ids: at most 2^31 - 1 are supported");
   if (invalid) {
     TORCH_CHECK_TYPE(invalid->scalar_type() == at::kBool, "cogview: `invalid` must be a bool tensor, got ",
                      invalid->scalar_type());
@@ -113,6 +129,8 @@ inline void check_sample_tokens(const at::Tensor& logits, const at::Tensor& seed
                       ",), got ", invalid->sizes());
     TORCH_CHECK_VALUE(invalid->device() == logits.device(), "cogview: `invalid` is on ", invalid->device(),
                       " but `logits` is on ", logits.device());
+    TORCH_CHECK_VALUE(at::has_internal_overlap(*invalid) != at::MemOverlap::Yes, "cogview: `invalid` is written "
+                      "in place but some of its elements share memory (an expanded view?)");
   }
 }
 

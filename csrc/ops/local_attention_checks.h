@@ -4,7 +4,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/safe_numerics.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 
@@ -61,10 +63,12 @@ inline LocalAttentionDims check_local_attention(const at::Tensor& q, const at::T
   d.win_h = window[0];
   d.win_w = window[1];
   TORCH_CHECK_VALUE(d.head_dim >= 1, "cogview: `q` needs head_dim >= 1, got shape ", q.sizes());
-  TORCH_CHECK_VALUE(d.n_q == d.q_h * d.q_w, "cogview: `q` has ", d.n_q, " tokens but `grid_q` ",
-                    grid_q, " has ", d.q_h * d.q_w);
-  TORCH_CHECK_VALUE(d.n_k == d.k_h * d.k_w, "cogview: `k` has ", d.n_k, " tokens but `grid_kv` ",
-                    grid_kv, " has ", d.k_h * d.k_w);
+  // Grid products are formed without overflow (direct op calls may pass any int64).
+  int64_t q_tokens = 0, k_tokens = 0;
+  TORCH_CHECK_VALUE(!c10::mul_overflows(d.q_h, d.q_w, &q_tokens) && d.n_q == q_tokens, "cogview: `q` has ", d.n_q,
+                    " tokens but `grid_q` is ", grid_q);
+  TORCH_CHECK_VALUE(!c10::mul_overflows(d.k_h, d.k_w, &k_tokens) && d.n_k == k_tokens, "cogview: `k` has ", d.n_k,
+                    " tokens but `grid_kv` is ", grid_kv);
   TORCH_CHECK_VALUE(d.q_h % d.k_h == 0 && d.q_w % d.k_w == 0, "cogview: `grid_q` ", grid_q,
                     " must be a multiple of `grid_kv` ", grid_kv, " in both dimensions");
   TORCH_CHECK_VALUE(d.win_h % 2 == 1 && d.win_w % 2 == 1, "cogview: `window` must be odd, got ",
@@ -96,6 +100,10 @@ inline LocalAttentionDims check_local_attention(const at::Tensor& q, const at::T
   }
   TORCH_CHECK_VALUE(std::isfinite(text_bias), "cogview: `text_bias` must be finite, got ", text_bias);
   TORCH_CHECK_VALUE(std::isfinite(scale), "cogview: `scale` must be finite, got ", scale);
+  // A window of 2 * grid - 1 keys already reaches every key from any centre: larger windows mean
+  // the same, and are clamped so that no buffer is sized by an absurd window.
+  d.win_h = std::min(d.win_h, 2 * d.k_h - 1);
+  d.win_w = std::min(d.win_w, 2 * d.k_w - 1);
   return d;
 }
 

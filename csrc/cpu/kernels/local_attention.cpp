@@ -142,7 +142,9 @@ struct Vec<float> {
   }
   // vec_math.h's exp_nonpositive algorithm on 16 lanes; scalef applies 2^n.
   static R exp(R x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    // Operand order matters: max/min return their second operand when either is NaN, so a NaN
+    // score stays NaN (and poisons the row's sum) instead of being clamped to a finite weight.
+    x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
     const R n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     R r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
@@ -225,7 +227,7 @@ struct Vec<float> {
     return _mm256_blendv_ps(fill, x, _mm256_castsi256_ps(lane_range_mask256(lo, hi, L)));
   }
   static R exp(R x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x));  // NaN stays NaN
     const R n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     R r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
