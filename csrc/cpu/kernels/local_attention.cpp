@@ -108,6 +108,20 @@ struct PortableVec {
     for (int i = 0; i < N; ++i) x.v[i] = exp_nonpositive(x.v[i]);  // arguments are x - max <= 0
     return x;
   }
+  // A lane mask computed once and applied many times: select(m, x, fill) is keep() with m =
+  // range_mask(lo, hi).
+  struct Mask {
+    bool b[N];
+  };
+  static Mask range_mask(int64_t lo, int64_t hi) {
+    Mask m;
+    for (int i = 0; i < N; ++i) m.b[i] = i >= lo && i < hi;
+    return m;
+  }
+  static R select(const Mask& m, R x, R fill) {
+    for (int i = 0; i < N; ++i) x.v[i] = m.b[i] ? x.v[i] : fill.v[i];
+    return x;
+  }
 };
 
 template <typename T>
@@ -140,6 +154,9 @@ struct Vec<float> {
   static R keep(R x, int64_t lo, int64_t hi, R fill) {
     return _mm512_mask_blend_ps(lane_range_mask(lo, hi, L), fill, x);
   }
+  using Mask = __mmask16;
+  static Mask range_mask(int64_t lo, int64_t hi) { return static_cast<Mask>(lane_range_mask(lo, hi, L)); }
+  static R select(Mask m, R x, R fill) { return _mm512_mask_blend_ps(m, fill, x); }
   // vec_math.h's exp_nonpositive algorithm on 16 lanes; scalef applies 2^n.
   static R exp(R x) {
     // Operand order matters: max/min return their second operand when either is NaN, so a NaN
@@ -178,6 +195,9 @@ struct Vec<double> {
   static R keep(R x, int64_t lo, int64_t hi, R fill) {
     return _mm512_mask_blend_pd(static_cast<__mmask8>(lane_range_mask(lo, hi, L)), fill, x);
   }
+  using Mask = __mmask8;
+  static Mask range_mask(int64_t lo, int64_t hi) { return static_cast<Mask>(lane_range_mask(lo, hi, L)); }
+  static R select(Mask m, R x, R fill) { return _mm512_mask_blend_pd(m, fill, x); }
   static R exp(R x) {
     alignas(64) double t[8];
     _mm512_store_pd(t, x);
@@ -226,6 +246,9 @@ struct Vec<float> {
   static R keep(R x, int64_t lo, int64_t hi, R fill) {
     return _mm256_blendv_ps(fill, x, _mm256_castsi256_ps(lane_range_mask256(lo, hi, L)));
   }
+  using Mask = __m256;
+  static Mask range_mask(int64_t lo, int64_t hi) { return _mm256_castsi256_ps(lane_range_mask256(lo, hi, L)); }
+  static R select(Mask m, R x, R fill) { return _mm256_blendv_ps(fill, x, m); }
   static R exp(R x) {
     x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x));  // NaN stays NaN
     const R n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
@@ -274,6 +297,12 @@ struct Vec<double> {
     for (int i = 0; i < 4; ++i) t[i] = (i >= lo && i < hi) ? t[i] : f[i];
     return _mm256_load_pd(t);
   }
+  using Mask = __m256d;
+  static Mask range_mask(int64_t lo, int64_t hi) {
+    return _mm256_castsi256_pd(_mm256_set_epi64x(-int64_t{3 >= lo && 3 < hi}, -int64_t{2 >= lo && 2 < hi},
+                                                 -int64_t{1 >= lo && 1 < hi}, -int64_t{0 >= lo && 0 < hi}));
+  }
+  static R select(Mask m, R x, R fill) { return _mm256_blendv_pd(fill, x, m); }
   static R exp(R x) {
     alignas(32) double t[4];
     _mm256_store_pd(t, x);
@@ -503,7 +532,7 @@ Group make_group(const LocalAttentionShape& s, int64_t c0, int64_t row, int64_t 
   g.nr = r_hi - g.r_lo + 1;
   g.causal_last = s.causal;
   for (int64_t m = 0; m < count; ++m) {
-    const int64_t x = col + m, bw = x / sw;
+    const int64_t x = col + m, bw = sw == 1 ? x : x / sw;
     g.lo[m] = std::max<int64_t>(bw - rw, 0) - c0;
     g.hi[m] = std::min<int64_t>(bw + rw, s.k_w - 1) + 1 - c0;
     g.hi_last[m] = s.causal ? std::min<int64_t>(g.hi[m], x + 1 - c0) : g.hi[m];
@@ -526,51 +555,6 @@ int64_t group_hi(const Group& g, int64_t m, int64_t ri) {
 }
 int64_t block_hi(const Group& g, const BlockCols& c, int64_t ri) {
   return g.causal_last && ri == g.nr - 1 ? c.hi_last : c.hi;
-}
-
-// Softmax of one query's scores in place: window key row ri at [ri * strip, (ri + 1) * strip),
-// text at nr * strip (text_bias added). Leaves exp(s - max), exactly 0 outside the window and
-// beyond the text keys; returns log-sum-exp and 1 / sum.
-template <typename T>
-void softmax_row(const Group& g, int64_t m, int64_t strip, int64_t text, int64_t tpad, T bias, T* sm,
-                 T* lse, T* inv) {
-  using V = Vec<T>;
-  constexpr int L = V::L;
-  const typename V::R ninf = V::set1(-std::numeric_limits<T>::infinity()), zero = V::zero();
-  const int64_t lo = g.lo[m];
-  typename V::R mx = ninf;
-  for (int64_t ri = 0; ri < g.nr; ++ri) {
-    const T* sr = sm + ri * strip;
-    const int64_t hi = group_hi(g, m, ri);
-    for (int64_t j = 0; j < strip; j += L) mx = V::max(mx, V::keep(V::load(sr + j), lo - j, hi - j, ninf));
-  }
-  T* st = sm + g.nr * strip;
-  const typename V::R vb = V::set1(bias);
-  for (int64_t t = 0; t < tpad; t += L) {
-    const typename V::R x = V::add(V::load(st + t), vb);
-    V::store(st + t, x);
-    mx = V::max(mx, V::keep(x, -t, text - t, ninf));
-  }
-  const T mxs = V::hmax(mx);
-  const typename V::R mv = V::set1(mxs);
-  typename V::R sum = zero;
-  for (int64_t ri = 0; ri < g.nr; ++ri) {
-    T* sr = sm + ri * strip;
-    const int64_t hi = group_hi(g, m, ri);
-    for (int64_t j = 0; j < strip; j += L) {
-      const typename V::R e = V::keep(V::exp(V::sub(V::load(sr + j), mv)), lo - j, hi - j, zero);
-      V::store(sr + j, e);
-      sum = V::add(sum, e);
-    }
-  }
-  for (int64_t t = 0; t < tpad; t += L) {
-    const typename V::R e = V::keep(V::exp(V::sub(V::load(st + t), mv)), -t, text - t, zero);
-    V::store(st + t, e);
-    sum = V::add(sum, e);
-  }
-  const T total = V::hsum(sum);
-  *lse = mxs + std::log(total);
-  *inv = T(1) / total;
 }
 
 // Backward of one query: sm holds its scores, dm its dP = dO . v. Leaves P = exp(s - lse) in sm
@@ -708,11 +692,19 @@ template <typename T>
 void load_queries(const Group& g, int64_t q_w, int64_t depth, int64_t dp, const char* base,
                   ElemType type, int64_t sn, T mul, T* q) {
   const int64_t esz = elem_size(type);
+  constexpr ElemType acc = std::is_same_v<T, double> ? ElemType::f64 : ElemType::f32;
   for (int64_t m = 0; m < g.count; ++m) {
     T* row = q + m * dp;
-    load_row(row, base + (g.row * q_w + g.col + m) * sn * esz, type, depth);
+    const char* src = base + (g.row * q_w + g.col + m) * sn * esz;
+    if (type == acc) {  // one pass: scale while loading
+      const T* x = reinterpret_cast<const T*>(src);
 #pragma omp simd
-    for (int64_t d = 0; d < depth; ++d) row[d] *= mul;
+      for (int64_t d = 0; d < depth; ++d) row[d] = x[d] * mul;
+    } else {
+      load_row(row, src, type, depth);
+#pragma omp simd
+      for (int64_t d = 0; d < depth; ++d) row[d] *= mul;
+    }
     for (int64_t d = depth; d < dp; ++d) row[d] = T(0);
   }
 }
@@ -746,16 +738,16 @@ inline void transpose16(__m512 r[16]) {
 }
 #endif
 
-// Writes tile[c][d] (nc keys x depth, row stride depth) to out[d * row_width + c].
+// Writes tile[c][d] (nc keys x depth, row stride ld) to out[d * row_width + c].
 template <typename T>
-void transpose_tile(const T* tile, int64_t nc, int64_t depth, T* out, int64_t row_width) {
+void transpose_tile(const T* tile, int64_t ld, int64_t nc, int64_t depth, T* out, int64_t row_width) {
   int64_t d0 = 0;
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) {
     if (nc == 16) {
       __m512 r[16];
       for (; d0 + 16 <= depth; d0 += 16) {
-        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(tile + i * depth + d0);
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(tile + i * ld + d0);
         transpose16(r);
         for (int j = 0; j < 16; ++j) _mm512_storeu_ps(out + (d0 + j) * row_width, r[j]);
       }
@@ -764,7 +756,7 @@ void transpose_tile(const T* tile, int64_t nc, int64_t depth, T* out, int64_t ro
 #endif
   for (int64_t d = d0; d < depth; ++d) {
     T* o = out + d * row_width;
-    for (int64_t c = 0; c < nc; ++c) o[c] = tile[c * depth + d];
+    for (int64_t c = 0; c < nc; ++c) o[c] = tile[c * ld + d];
   }
 }
 
@@ -772,6 +764,7 @@ template <typename T>
 void pack_rows(const LocalAttentionPackArgs& a, int64_t begin, int64_t end) {
   const int64_t depth = a.head_dim, esz = elem_size(a.src_type);
   constexpr int64_t kBlock = 16;
+  constexpr ElemType acc = std::is_same_v<T, double> ? ElemType::f64 : ElemType::f32;
   std::vector<T> tile(kBlock * depth);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t bh = item / a.rows, r = item % a.rows;
@@ -781,8 +774,13 @@ void pack_rows(const LocalAttentionPackArgs& a, int64_t begin, int64_t end) {
       T* dst = static_cast<T*>(a.transposed) + item * depth * a.row_width;
       for (int64_t c0 = 0; c0 < a.cols; c0 += kBlock) {
         const int64_t nc = std::min<int64_t>(kBlock, a.cols - c0);
+        if (a.src_type == acc) {  // transpose straight from the source rows
+          transpose_tile(reinterpret_cast<const T*>(src) + c0 * a.sn, a.sn, nc, depth, dst + a.pad + c0,
+                         a.row_width);
+          continue;
+        }
         for (int64_t c = 0; c < nc; ++c) load_row(tile.data() + c * depth, src + (c0 + c) * a.sn * esz, a.src_type, depth);
-        transpose_tile(tile.data(), nc, depth, dst + a.pad + c0, a.row_width);
+        transpose_tile(tile.data(), depth, nc, depth, dst + a.pad + c0, a.row_width);
       }
       for (int64_t d = 0; d < depth; ++d) {
         T* out = dst + d * a.row_width;
@@ -833,10 +831,102 @@ void pack_head(const LocalAttentionSource& src, int64_t b, int64_t h, int64_t ro
   pack_rows<T>(pk, 0, rows);
 }
 
-// One tile (tile row tr, tile column tc) of head (b, h).
+// Lane masks of a group, computed once per group (not per key row and vector): per query, the
+// strip vectors of an ordinary window row and of the causal last row; and the text vectors.
 template <typename T>
-void forward_tile(const LocalAttentionForwardArgs& a, Scratch<T>& sc, std::vector<Segment<T>>& segs,
-                  int64_t b, int64_t h, int64_t tr, int64_t tc) {
+struct GroupMasks {
+  using M = typename Vec<T>::Mask;
+  struct Slot {  // a vector of a struct keeps the mask type's alignment (no ignored attributes)
+    M m;
+  };
+  int64_t nv = 0, ntv = 0;
+  std::vector<Slot> row, last, text;
+  GroupMasks(const LocalAttentionPlan& p, int64_t text_keys)
+      : nv(p.strip / p.lanes), ntv(p.tpad / p.lanes), row(kGroup * nv), last(kGroup * nv), text(ntv) {
+    for (int64_t t = 0; t < ntv; ++t) text[t].m = Vec<T>::range_mask(-t * p.lanes, text_keys - t * p.lanes);
+  }
+  void set(const Group& g) {
+    const int64_t L = Vec<T>::L;
+    for (int64_t m = 0; m < g.count; ++m) {
+      for (int64_t j = 0; j < nv; ++j) {
+        row[m * nv + j].m = Vec<T>::range_mask(g.lo[m] - j * L, g.hi[m] - j * L);
+        if (g.causal_last) last[m * nv + j].m = Vec<T>::range_mask(g.lo[m] - j * L, g.hi_last[m] - j * L);
+      }
+    }
+  }
+};
+
+// Softmax of one query's scores in place: window key row ri at [ri * strip, (ri + 1) * strip),
+// text at nr * strip (text_bias added). Leaves exp(s - max), exactly 0 outside the window and
+// beyond the text keys; returns log-sum-exp and 1 / sum. Masks come precomputed per group;
+// two independent max and sum chains.
+template <typename T>
+void softmax_masked(const Group& g, const GroupMasks<T>& mk, int64_t m, int64_t strip, T bias, T* sm,
+                    T* lse, T* inv) {
+  using V = Vec<T>;
+  using R = typename V::R;
+  constexpr int L = V::L;
+  const R ninf = V::set1(-std::numeric_limits<T>::infinity()), zero = V::zero();
+  const int64_t nv = mk.nv;
+  using Slot = typename GroupMasks<T>::Slot;
+  const Slot* rm = mk.row.data() + m * nv;
+  const Slot* lm = g.causal_last ? mk.last.data() + m * nv : rm;
+  R mx0 = ninf, mx1 = ninf;
+  for (int64_t ri = 0; ri < g.nr; ++ri) {
+    const T* sr = sm + ri * strip;
+    const Slot* k = ri == g.nr - 1 ? lm : rm;
+    for (int64_t j = 0; j < nv; ++j) {
+      const R x = V::select(k[j].m, V::load(sr + j * L), ninf);
+      if ((ri + j) & 1) {
+        mx1 = V::max(mx1, x);
+      } else {
+        mx0 = V::max(mx0, x);
+      }
+    }
+  }
+  T* st = sm + g.nr * strip;
+  const R vb = V::set1(bias);
+  for (int64_t t = 0; t < mk.ntv; ++t) {
+    const R x = V::add(V::load(st + t * L), vb);
+    V::store(st + t * L, x);
+    mx1 = V::max(mx1, V::select(mk.text[t].m, x, ninf));
+  }
+  const T mxs = V::hmax(V::max(mx0, mx1));
+  const R mv = V::set1(mxs);
+  R sum0 = zero, sum1 = zero;
+  for (int64_t ri = 0; ri < g.nr; ++ri) {
+    T* sr = sm + ri * strip;
+    const Slot* k = ri == g.nr - 1 ? lm : rm;
+    for (int64_t j = 0; j < nv; ++j) {
+      const R e = V::select(k[j].m, V::exp(V::sub(V::load(sr + j * L), mv)), zero);
+      V::store(sr + j * L, e);
+      if ((ri + j) & 1) {
+        sum1 = V::add(sum1, e);
+      } else {
+        sum0 = V::add(sum0, e);
+      }
+    }
+  }
+  for (int64_t t = 0; t < mk.ntv; ++t) {
+    const R e = V::select(mk.text[t].m, V::exp(V::sub(V::load(st + t * L), mv)), zero);
+    V::store(st + t * L, e);
+    sum1 = V::add(sum1, e);
+  }
+  const T total = V::hsum(V::add(sum0, sum1));
+  *lse = mxs + std::log(total);
+  *inv = T(1) / total;
+}
+
+// Queries per register block of the forward value pass: two queries' windows (10 columns for a
+// 9-wide window) waste less than four (12) where the pass is bound by its multiply-adds.
+constexpr int64_t kFwdPvM = std::min<int64_t>(kPvM, 2);
+
+// Query rows [y0, y1) x tile columns [tc0, tc1) of head (b, h), row by row (so q and out are
+// read and written in order).
+template <typename T>
+void forward_rows(const LocalAttentionForwardArgs& a, Scratch<T>& sc, GroupMasks<T>& mk,
+                  std::vector<Segment<T>>& segs, int64_t b, int64_t h, int64_t y0, int64_t y1, int64_t tc0,
+                  int64_t tc1) {
   const LocalAttentionShape& s = a.shape;
   const LocalAttentionPlan& p = a.plan;
   const int64_t n_q = s.q_h * s.q_w, depth = s.head_dim, dp = p.dp, T_ = s.text;
@@ -852,36 +942,41 @@ void forward_tile(const LocalAttentionForwardArgs& a, Scratch<T>& sc, std::vecto
   const T* tv = T_ > 0 ? static_cast<const T*>(a.text_v) + b * a.tv_sb + h * a.tv_sh : nullptr;
   char* out_bh = static_cast<char*>(a.out) + bh * n_q * depth * q_esz;
   T* lse_bh = static_cast<T*>(a.lse) + bh * n_q;
-  const int64_t w0 = tc * p.tile_w, w1 = std::min(s.q_w, w0 + p.tile_w);
-  const int64_t h0 = tr * p.tile_h, h1 = std::min(s.q_h, h0 + p.tile_h);
-  const int64_t c0 = w0 / sw - s.win_w / 2;
+  // The value pass writes `out` directly when it has the accumulator type and no padding.
+  const bool direct = dp == depth && a.q_type == (std::is_same_v<T, double> ? ElemType::f64 : ElemType::f32);
 
-  for (int64_t y = h0; y < h1; ++y) {
-    for (int64_t x0 = w0; x0 < w1; x0 += kGroup) {
-      const Group g = make_group(s, c0, y, x0, std::min<int64_t>(kGroup, w1 - x0));
-      load_queries(g, s.q_w, depth, dp, q_bh, a.q_type, a.q_sn, scale, sc.q.data());
-      group_scores(s, p, g, sc.q.data(), dp, kt_bh, tkt, sc.s.data(), sld);
-      // Exact softmax over window and text keys; invalid strip entries become 0.
-      for (int64_t m = 0; m < g.count; ++m) {
-        softmax_row(g, m, p.strip, T_, p.tpad, bias, sc.s.data() + m * sld, &sc.lse[m], &sc.inv[m]);
-      }
-      // out = P V / sum, per register block of queries over the union of their windows, then text.
-      for (int64_t m0 = 0; m0 < g.count; m0 += kPvM) {
-        const int64_t mm = std::min<int64_t>(kPvM, g.count - m0);
-        const BlockCols bc = block_cols(g, m0, mm);
-        int nseg = 0;
-        for (int64_t ri = 0; ri < g.nr; ++ri) {
-          segs[nseg++] = {v_bh + ((g.r_lo + ri) * s.k_w + g.c0 + bc.lo) * a.v_sn, a.v_sn,
-                          ri * p.strip + bc.lo, block_hi(g, bc, ri) - bc.lo};
+  for (int64_t y = y0; y < y1; ++y) {
+    for (int64_t tc = tc0; tc < tc1; ++tc) {
+      const int64_t w0 = tc * p.tile_w, w1 = std::min(s.q_w, w0 + p.tile_w);
+      const int64_t c0 = w0 / sw - s.win_w / 2;
+      for (int64_t x0 = w0; x0 < w1; x0 += kGroup) {
+        const Group g = make_group(s, c0, y, x0, std::min<int64_t>(kGroup, w1 - x0));
+        mk.set(g);
+        load_queries(g, s.q_w, depth, dp, q_bh, a.q_type, a.q_sn, scale, sc.q.data());
+        group_scores(s, p, g, sc.q.data(), dp, kt_bh, tkt, sc.s.data(), sld);
+        // Exact softmax over window and text keys; invalid strip entries become 0.
+        for (int64_t m = 0; m < g.count; ++m) {
+          softmax_masked(g, mk, m, p.strip, bias, sc.s.data() + m * sld, &sc.lse[m], &sc.inv[m]);
         }
-        if (T_ > 0) segs[nseg++] = {tv, dp, g.nr * p.strip, T_};
-        combine(mm, dp, p.lanes, segs.data(), nseg, sc.s.data() + m0 * sld, sld, sc.inv.data() + m0,
-                sc.o.data() + m0 * dp, dp);
-      }
-      for (int64_t m = 0; m < g.count; ++m) {
-        const int64_t n = y * s.q_w + x0 + m;
-        store_row(out_bh + n * depth * q_esz, sc.o.data() + m * dp, a.q_type, depth);
-        lse_bh[n] = sc.lse[m];
+        const int64_t n0 = y * s.q_w + x0;
+        T* o = direct ? reinterpret_cast<T*>(out_bh) + n0 * depth : sc.o.data();
+        // out = P V / sum, per register block of queries over the union of their windows, then text.
+        for (int64_t m0 = 0; m0 < g.count; m0 += kFwdPvM) {
+          const int64_t mm = std::min<int64_t>(kFwdPvM, g.count - m0);
+          const BlockCols bc = block_cols(g, m0, mm);
+          int nseg = 0;
+          for (int64_t ri = 0; ri < g.nr; ++ri) {
+            segs[nseg++] = {v_bh + ((g.r_lo + ri) * s.k_w + g.c0 + bc.lo) * a.v_sn, a.v_sn,
+                            ri * p.strip + bc.lo, block_hi(g, bc, ri) - bc.lo};
+          }
+          if (T_ > 0) segs[nseg++] = {tv, dp, g.nr * p.strip, T_};
+          combine(mm, dp, p.lanes, segs.data(), nseg, sc.s.data() + m0 * sld, sld, sc.inv.data() + m0,
+                  o + m0 * dp, dp);
+        }
+        for (int64_t m = 0; m < g.count; ++m) {
+          if (!direct) store_row(out_bh + (n0 + m) * depth * q_esz, sc.o.data() + m * dp, a.q_type, depth);
+          lse_bh[n0 + m] = sc.lse[m];
+        }
       }
     }
   }
@@ -911,12 +1006,14 @@ void forward_tasks(const LocalAttentionForwardArgs& a, int64_t begin, int64_t en
   const LocalAttentionPlan& p = a.plan;
   const TaskGrid tg = task_grid(s, p);
   Scratch<T> sc(s, p, false);
+  GroupMasks<T> mk(p, s.text);
   std::vector<Segment<T>> segs(s.win_h + 1);
   if (!a.per_head) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t tc = task % tg.cols, tr = (task / tg.cols) % tg.rows;
       const int64_t bh = task / (tg.cols * tg.rows);
-      forward_tile(a, sc, segs, bh / a.heads, bh % a.heads, tr, tc);
+      const int64_t y0 = tr * p.tile_h, y1 = std::min(s.q_h, y0 + p.tile_h);
+      forward_rows(a, sc, mk, segs, bh / a.heads, bh % a.heads, y0, y1, tc, tc + 1);
     }
     return;
   }
@@ -952,9 +1049,7 @@ void forward_tasks(const LocalAttentionForwardArgs& a, int64_t begin, int64_t en
       la.text_v = tv;
       la.tv_sb = la.tv_sh = 0;
     }
-    for (int64_t tr = 0; tr < tg.rows; ++tr) {
-      for (int64_t tc = 0; tc < tg.cols; ++tc) forward_tile(la, sc, segs, b, h, tr, tc);
-    }
+    forward_rows(la, sc, mk, segs, b, h, 0, s.q_h, 0, tg.cols);
   }
 }
 
