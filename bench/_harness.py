@@ -66,9 +66,12 @@ def compare(candidates: dict[str, Callable[[], object]], device: str, repeats: i
 
 
 def copy_bandwidth(device: str, numel: int = 1 << 24, repeats: int = 7) -> float:
-    """Measured bytes/s of `x.clone()` (read + write) on an fp32 tensor: the practical ceiling."""
+    """Measured bytes/s (read + write) of copying an fp32 tensor into a preallocated one: the practical
+    ceiling. Not `x.clone()`: a fresh destination of tens of MB comes from pages the C library maps anew
+    for every call on CPUs, and their page faults would make the yardstick itself slow."""
     x = torch.randn(numel, device=device)
-    seconds = compare({"clone": x.clone}, device, repeats)["clone"]
+    y = torch.empty_like(x)
+    seconds = compare({"copy": lambda: y.copy_(x)}, device, repeats)["copy"]
     return 2 * x.numel() * x.element_size() / seconds
 
 

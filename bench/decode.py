@@ -4,7 +4,7 @@ One decoding step (n = 1 query per sequence) for B sequences of ragged lengths, 
 attention boost (text_len 64, +1.4). Baseline (frozen): F.scaled_dot_product_attention over
 cache[:, :, :max(lengths)] with an explicit additive float mask built from `lengths` each step
 (padding -inf, text keys +1.4). Reports the K/V bytes the op must read per second against the
-measured clone bandwidth.
+measured copy bandwidth (a copy into a preallocated tensor).
 
     python bench/decode.py [--smoke] [--device cuda] [--dtypes float32,bfloat16]
 """
@@ -71,7 +71,7 @@ def main() -> None:
     _harness.report("decode", args, rows,
                     ["context", "lengths", "dtype", "sdpa_us", "cogview_us", "speedup", "kv_GBps", "pct_of_copy"],
                     notes=f"B={batch}, heads={heads}, d={dim}, n=1, text_len={TEXT_LEN}; cogview runs the {kernel}; "
-                          f"clone bandwidth {bandwidth / 1e9:.1f} GB/s (read+write); kv_GBps = K/V bytes of the "
+                          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read+write); kv_GBps = K/V bytes of the "
                           f"valid positions / cogview time; {torch.get_num_threads()} threads.")
 
 

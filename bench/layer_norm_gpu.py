@@ -94,7 +94,7 @@ def bench_gpu(args) -> list[dict]:
     device = getattr(args, "bench_device", "cuda")  # "cpu" only for a dry run of this code
     torch.backends.cuda.matmul.allow_tf32 = False
     copy_bw = _harness.copy_bandwidth(device)
-    print(f"device copy bandwidth (clone, read + write): {copy_bw / 1e9:.0f} GB/s")
+    print(f"device copy bandwidth (into a preallocated tensor, read + write): {copy_bw / 1e9:.0f} GB/s")
     rows_out = []
     for dtype, rows, hidden in cases(args.smoke, getattr(args, "odd_hidden", False)):
         elem = torch.finfo(dtype).bits // 8
@@ -153,7 +153,7 @@ def main() -> int:
         print("cogview was built without CUDA kernels: rebuild with CUDA to benchmark them")
         return 1
     rows = bench_gpu(args)
-    notes = ("model GB/s = bytes the step must move / cogview time; of_copy_bw = that / measured clone "
+    notes = ("model GB/s = bytes the step must move / cogview time; of_copy_bw = that / measured copy "
              "bandwidth; vs_* = baseline time / cogview time (higher is better). Weights in the activation "
              "dtype. Targets: fwd >= 80% of copy bandwidth and faster than torch.compile; fwd+bwd >= 1.3x eager.")
     _harness.report("layer_norm_gpu", args, rows, COLUMNS, notes)
