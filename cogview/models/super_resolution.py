@@ -17,7 +17,8 @@ Attention (per layer):
       lse = logaddexp(lse1, lse2),  out = exp(lse1 - lse) out1 + exp(lse2 - lse) out2.
 - As in CogView2's direct super-resolution model, high-res tokens have their OWN attention weights in
   every layer (`layers.N.high_res_attention.{query_key_value, dense}`); LayerNorms, MLPs, embeddings
-  and the tied output head are shared. Layers use CogView's sandwich LayerNorm and the fused
+  and the tied output head are shared. (The last layer's text + low-res tokens only serve keys and
+  values: that layer has no `attention.dense`, and its context MLP is never run.) Layers use CogView's sandwich LayerNorm and the fused
   `cogview.ops.add_layer_norm` steps, as in cogview.models.transformer.
 
 Input of a high-res token: the embedding of its code (or of [MASK]) + its position + (with
@@ -292,11 +293,17 @@ class SRContext:
 
 class SuperResolutionLayer(CogViewLayer):
     """A CogView sandwich layer with a second attention (`high_res_attention`: its own query_key_value
-    and dense) for the high-res tokens; LayerNorms and MLP are shared by all tokens."""
+    and dense) for the high-res tokens; LayerNorms and MLP are shared by all tokens.
+
+    In the LAST layer the text + low-res tokens only provide keys and values (nothing reads their output),
+    so that layer has no `attention.dense` and `context_forward` stops after the key/value projection."""
 
     def __init__(self, config: SuperResolutionConfig, layer_index: int, *, device=None, dtype=None):
         super().__init__(config.transformer, layer_index, device=device, dtype=dtype)
         self.high_res_attention = SelfAttention(config.transformer, layer_index, device=device, dtype=dtype)
+        self.last = layer_index == config.transformer.num_layers - 1
+        if self.last:
+            self.attention.dense = None
         self.sr = config
         self._high = (config.high_res, config.high_res)
         self._low = (config.low_res, config.low_res)
@@ -311,9 +318,12 @@ class SuperResolutionLayer(CogViewLayer):
             next_norm.weight, next_norm.bias, self.eps, self.pb_relax)
 
     def context_forward(self, residual, normed, next_norm):
-        """Text + low-res tokens, dense bidirectional attention. Returns (residual, normed, (k, v))."""
+        """Text + low-res tokens, dense bidirectional attention. Returns (residual, normed, (k, v))
+        (residual and normed None in the last layer, where only k and v are needed)."""
         attention = self.attention
         q, k, v = attention.split_heads(normed)
+        if self.last:
+            return None, None, (k, v)
         out = F.scaled_dot_product_attention(q, k, v, scale=attention.scale)
         residual, normed = self._finish(residual, attention.merge_heads(out), next_norm)
         return residual, normed, (k, v)
@@ -382,7 +392,8 @@ class SuperResolutionTransformer(nn.Module):
                 module.reset_parameters()
         for layer in self.layers:
             for linear in (layer.attention.dense, layer.high_res_attention.dense, layer.mlp.dense_4h_to_h):
-                nn.init.normal_(linear.weight, 0.0, out_std)
+                if linear is not None:
+                    nn.init.normal_(linear.weight, 0.0, out_std)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
