@@ -361,7 +361,7 @@ def save_model_dir(path: str | os.PathLike, *, vqvae, transformer=None, tokenize
     vqvae / transformer: modules or state dicts (for state dicts, e.g. gathered from FSDP, pass
     `config`). Without a transformer the directory holds a VQ-VAE alone. tokenizer: a
     CogViewTokenizer, the SentencePiece model's bytes or a path to it (required with a transformer).
-    dtype: cast the transformer's floating-point weights (default: as they are). metadata: free JSON
+    dtype: cast the transformer's (and the SR stage's) floating-point weights (default: as they are). metadata: free JSON
     data kept in config.json (training settings, provenance).
     """
     path = Path(path)
@@ -437,7 +437,7 @@ def save_model_dir(path: str | os.PathLike, *, vqvae, transformer=None, tokenize
         atomic_write_bytes(path / TOKENIZER_FILE, tokenizer_bytes)
         files[TOKENIZER_FILE] = {"sha256": hashlib.sha256(tokenizer_bytes).hexdigest()}
     if sr_state is not None:
-        files[SR_FILE] = _write_sr_file(path, sr_state, sr_config, save_id, None, "save_model_dir")
+        files[SR_FILE] = _write_sr_file(path, sr_state, sr_config, save_id, dtype, "save_model_dir")
     document = {"format": FORMAT, "format_version": FORMAT_VERSION, "cogview_version": __version__, "name": name,
                 "transformer": full.transformer.to_dict() if full is not None else None,
                 "vqvae": vqvae_config.to_dict(), "metadata": metadata, "files": files}

@@ -343,6 +343,12 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(again.super_resolution.layers[1].high_res_attention.dense.weight,
                        sr.layers[1].high_res_attention.dense.weight)
     assert again.super_resolution_metadata == {"n": 1}
+    # a half-precision export stores the stage in float16; the upscaler loads it as float32
+    again.save_pretrained(tmp_path / "half", dtype=torch.float16)
+    assert load_super_resolution(tmp_path / "half").word_embeddings.weight.dtype == torch.float16
+    stage = SuperResolutionPipeline.from_pretrained(tmp_path / "half")
+    assert stage.super_resolution.word_embeddings.weight.dtype == torch.float32
+    assert stage.tokenizer is not None  # the stage reads text: the directory's tokenizer comes along
 
 
 def test_stage_must_fit_the_model(tmp_path):

@@ -143,9 +143,10 @@ class SuperResolutionPipeline:
         self.metadata = dict(metadata or {})
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, device=None, dtype=None,
+    def from_pretrained(cls, path: str | os.PathLike, *, device=None, dtype=torch.float32,
                         verify: bool = True) -> "SuperResolutionPipeline":
-        """The SR stage, VQ-VAE and (when the SR stage reads text) tokenizer of a model directory."""
+        """The SR stage, VQ-VAE and (when the SR stage reads text) tokenizer of a model directory. dtype:
+        the SR stage's weights (default float32, whatever the directory stores; None: as stored)."""
         from cogview.checkpoint import CheckpointNotFoundError
         from cogview.pipeline import load_super_resolution, load_tokenizer, load_vqvae, read_model_directory
 

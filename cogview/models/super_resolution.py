@@ -186,8 +186,8 @@ def _trunk(num_layers, hidden_size, num_heads, image_tokens, text_tokens, **kw) 
 # `SuperResolutionConfig.replace(transformer=...)` or the trainer's overrides adjust it.
 sr_presets: dict[str, SuperResolutionConfig] = {
     # The embedded default model's SR stage: 8x8 -> 24x24 codes (32 -> 96 px with a x4 VQ-VAE); 1.3M
-    # parameters with a 512-code VQ-VAE and 1000 text ids.
-    "shapes-8to24": SuperResolutionConfig(_trunk(4, 128, 4, 512, 1000), low_res=8, scale=3, max_text_len=24),
+    # parameters with a 512-code VQ-VAE and 400 text ids (recipes/shapes-sr.yaml).
+    "shapes-8to24": SuperResolutionConfig(_trunk(4, 128, 4, 512, 400), low_res=8, scale=3, max_text_len=32),
     # CogView2's geometry (20x20 -> 60x60 codes), small trunk (for benchmarks).
     "cogview2-20to60": SuperResolutionConfig(_trunk(6, 256, 8, 8192, 50000), low_res=20, scale=3, max_text_len=64),
     # Unit tests: 4x4 -> 12x12 codes.
