@@ -16,7 +16,8 @@ both) is not timed.
   `cogview.generation.sample_image_codes` (static K/V cache, decode-attention kernel, lean CPU step):
   9 (H/2)^2 sequential steps in all. Later windows overwrite the overlap (the timing is what matters).
 
-Reported: medians of interleaved rounds (one warm-up call each; 3 rounds unless --repeats), the speedup, sequential steps, and the tokens each method pushes
+Reported: medians of interleaved rounds (one warm-up call each; 3 rounds unless --repeats), the speedup,
+sequential steps, and the tokens each method pushes
 through the trunk (the SR passes process MORE tokens; the win is parallelism, not fewer FLOPs).
 
     python bench/super_resolution.py [--smoke] [--cases shapes-8to24,cogview2-20to60] [--batches 1]

@@ -291,7 +291,8 @@ def upscale(model, images, prompts=None, *, schedule: Sequence[int] | None = Non
     for i in range(0, high.shape[0], size):
         pixels = vqvae.decode(high[i: i + size].to(device)).cpu()
         for j, image in enumerate(pixels):
-            results.append(UpscaleResult(tensor_to_pil(image), high[i + j], low[i + j].cpu(), texts[i + j], seed + i + j))
+            results.append(UpscaleResult(tensor_to_pil(image), high[i + j], low[i + j].cpu(), texts[i + j],
+                                         seed + i + j))
     return results
 
 
@@ -358,7 +359,7 @@ def evaluate_super_resolution(model, data=None, *, num_images: int = 64, schedul
     from cogview.data.shapes import ShapesDataset
 
     what = "evaluate_super_resolution"
-    sr, vqvae, _ = _stage(model, what)
+    sr, vqvae, tokenizer = _stage(model, what)
     if not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"{what}: `num_images` must be an int >= 1, got {num_images!r}")
     spec = {"name": "shapes", "seed": 1_000_003} if data in (None, "shapes") else dict(data)
@@ -379,10 +380,13 @@ def evaluate_super_resolution(model, data=None, *, num_images: int = 64, schedul
         low = torch.stack([low_set[i]["image"] for i in idx])
         high = torch.stack([high_set[i]["image"] for i in idx])
         texts = [low_set[i]["captions"][0] if captions else "" for i in idx]
-        low_codes = vqvae.encode(low.to(device))
-        refined = upscale_codes(model, low_codes, texts, schedule=schedule, temperature=0.0, seed=seed + start)
-        direct = upscale_codes(model, low_codes, texts, schedule=(), temperature=0.0, seed=seed + start)
-        images = {"psnr_sr": vqvae.decode(refined.to(device)).cpu(), "psnr_direct": vqvae.decode(direct.to(device)).cpu(),
+        low_codes = vqvae.encode(low.to(device)).to(sr.device)
+        history: list = []  # the direct pass's codes come along (history[0])
+        refined = super_resolve_codes(sr, low_codes, _text_tokens(sr, tokenizer if captions else None, texts, what),
+                                      schedule=schedule, temperature=0.0, seeds=seed + start, history=history)
+        direct = history[0][2].view_as(refined)
+        images = {"psnr_sr": vqvae.decode(refined.to(device)).cpu(),
+                  "psnr_direct": vqvae.decode(direct.to(device)).cpu(),
                   "psnr_vq": vqvae.decode(vqvae.encode(high.to(device))).cpu(),
                   "psnr_bicubic": F.interpolate(low, scale_factor=sr.config.scale, mode="bicubic",
                                                 align_corners=False).clamp(0, 1)}

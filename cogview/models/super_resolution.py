@@ -18,8 +18,8 @@ Attention (per layer):
 - As in CogView2's direct super-resolution model, high-res tokens have their OWN attention weights in
   every layer (`layers.N.high_res_attention.{query_key_value, dense}`); LayerNorms, MLPs, embeddings
   and the tied output head are shared. (The last layer's text + low-res tokens only serve keys and
-  values: that layer has no `attention.dense`, and its context MLP is never run.) Layers use CogView's sandwich LayerNorm and the fused
-  `cogview.ops.add_layer_norm` steps, as in cogview.models.transformer.
+  values: that layer has no `attention.dense`, and its context MLP is never run.) Layers use CogView's
+  sandwich LayerNorm and the fused `cogview.ops.add_layer_norm` steps, as in cogview.models.transformer.
 
 Input of a high-res token: the embedding of its code (or of [MASK]) + its position + (with
 `parent_hint`) the embedding of its parent low-res code. Output: logits over the image codes only (the
