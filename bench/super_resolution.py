@@ -153,6 +153,8 @@ def main() -> None:
                 "speedup": times["sliding"] / times["sr"], "sr_passes": passes, "sliding_steps": 9 * (big // 2) ** 2,
                 "sr_tokens": passes * big * big, "sliding_tokens": 9 * (big // 2) ** 2,
             })
+            print(f"{name} batch {batch}: sr {times['sr'] * 1e3:.0f} ms, sliding {times['sliding'] * 1e3:.0f} ms, "
+                  f"speedup {times['sliding'] / times['sr']:.1f}x", flush=True)
     _harness.report("super_resolution", args, rows,
                     ["case", "grids", "trunk", "batch", "sr_ms", "sliding_ms", "speedup", "sr_passes",
                      "sliding_steps", "sr_tokens", "sliding_tokens"],

@@ -183,7 +183,7 @@ def test_gradients_reach_every_parameter_and_training_reduces_the_loss():
         loss, _ = loss_module(batch)
         loss.backward()
         optimizer.step()
-    assert float(loss) < 0.7 * first, (first, float(loss))
+    assert float(loss.detach()) < 0.7 * first, (first, float(loss.detach()))
 
 
 def test_config_round_trip_and_validation():
