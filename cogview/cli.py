@@ -217,6 +217,10 @@ COMMANDS += _TRAINING_COMMANDS
 from cogview.commands.generation import COMMANDS as _GENERATION_COMMANDS  # noqa: E402
 
 COMMANDS += _GENERATION_COMMANDS
+# train-sr, upscale, evaluate-sr (cogview/commands/super_resolution.py)
+from cogview.commands.super_resolution import COMMANDS as _SR_COMMANDS  # noqa: E402
+
+COMMANDS += _SR_COMMANDS
 
 
 def build_parser() -> argparse.ArgumentParser:

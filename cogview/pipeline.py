@@ -7,6 +7,8 @@ A model is a directory:
     model.safetensors    the transformer (parameter names as in cogview.models.transformer)
     vqvae.safetensors    the VQ-VAE (encoder.*, quantizer.{embed [n, dim], cluster_size, embed_avg}, decoder.*)
     tokenizer.model      the SentencePiece model of the text side
+    super_resolution.safetensors   optional: the super-resolution stage (config.json "super_resolution":
+                         {"config": SuperResolutionConfig, "metadata": ...}); see `attach_super_resolution`
 
     model = CogView.from_pretrained("DIR", device="cuda", dtype=torch.bfloat16)
     model.transformer, model.vqvae, model.tokenizer, model.config
@@ -55,6 +57,7 @@ from cogview.checkpoint import (
     save_safetensors,
 )
 from cogview.models.config import CogViewConfig, VQVAEConfig, presets
+from cogview.models.super_resolution import SuperResolutionConfig, SuperResolutionTransformer
 from cogview.models.transformer import CogViewTransformer
 from cogview.models.vqvae import VQVAE
 from cogview.tokenizer import CogViewTokenizer
@@ -72,12 +75,16 @@ __all__ = [
     "load_vqvae",
     "load_tokenizer",
     "save_model_dir",
+    "SR_FILE",
+    "attach_super_resolution",
+    "load_super_resolution",
 ]
 
 CONFIG_FILE = "config.json"
 TRANSFORMER_FILE = "model.safetensors"
 VQVAE_FILE = "vqvae.safetensors"
 TOKENIZER_FILE = "tokenizer.model"
+SR_FILE = "super_resolution.safetensors"
 FORMAT = "cogview-model"
 FORMAT_VERSION = 1
 _SAVE_ID_KEY = "cogview.save_id"
@@ -98,6 +105,8 @@ class ModelDirectory:
     name: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    super_resolution: SuperResolutionConfig | None = None  # the optional SR stage
+    super_resolution_metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
     def has_transformer(self) -> bool:
@@ -148,7 +157,17 @@ def read_model_directory(path: str | os.PathLike) -> ModelDirectory:
     files = data.get("files") or {}
     if not isinstance(metadata, dict) or not isinstance(files, dict):
         raise CheckpointCorruptError(f"{config_path}: 'metadata' and 'files' must be objects")
-    return ModelDirectory(path, config, vqvae_config, name, metadata, files)
+    sr_config, sr_metadata = None, {}
+    sr_entry = data.get("super_resolution")
+    if sr_entry is not None:
+        if not isinstance(sr_entry, dict) or "config" not in sr_entry:
+            raise CheckpointCorruptError(f"{config_path}: 'super_resolution' must be an object with a 'config'")
+        try:
+            sr_config = SuperResolutionConfig.from_dict(sr_entry["config"])
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"{config_path}: invalid super-resolution config: {error}") from None
+        sr_metadata = sr_entry.get("metadata") or {}
+    return ModelDirectory(path, config, vqvae_config, name, metadata, files, sr_config, sr_metadata)
 
 
 def _check_save_id(directory: ModelDirectory, filename: str, source: SafetensorsFile) -> None:
@@ -236,6 +255,89 @@ def load_tokenizer(path) -> CogViewTokenizer:
         raise CheckpointMismatchError(f"{file} does not fit the config: {error}") from None
 
 
+def load_super_resolution(path, *, device=None, dtype=None, verify: bool = True) -> SuperResolutionTransformer:
+    """The super-resolution stage of a model directory (built on the meta device, loaded by assignment)."""
+    directory = _directory(path)
+    if directory.super_resolution is None:
+        raise CheckpointNotFoundError(f"{directory.path} has no super-resolution stage (no 'super_resolution' in "
+                                      f"its {CONFIG_FILE}); train one with `cogview train-sr`")
+    dtype = dtype_from_name(dtype)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    with _open_component(directory, SR_FILE) as source:
+        with torch.device("meta"):
+            model = SuperResolutionTransformer(directory.super_resolution)
+        return load_into_meta_module(model, source, what=str(source.path), device=device,
+                                     dtype_for=lambda name, stored: dtype, verify=verify)
+
+
+def check_super_resolution_fits(sr: SuperResolutionConfig, vqvae_config: VQVAEConfig,
+                                config: CogViewConfig | None, what: str) -> None:
+    """Raise CheckpointMismatchError when the SR stage cannot serve this VQ-VAE / base model: its image
+    codes must be the VQ-VAE's; with a base transformer its low-res grid must be the base model's code
+    grid and, when it reads text, its vocabulary the base model's (the same tokenizer)."""
+    if sr.transformer.image_tokens != vqvae_config.codebook_size:
+        raise CheckpointMismatchError(f"{what}: the SR stage reads {sr.transformer.image_tokens} image codes but the "
+                                      f"VQ-VAE has {vqvae_config.codebook_size}")
+    if config is None:
+        return
+    if sr.low_res != config.code_size:
+        raise CheckpointMismatchError(f"{what}: the SR stage takes {sr.low_res}x{sr.low_res} codes but the base model "
+                                      f"makes {config.code_size}x{config.code_size}")
+    t = config.transformer
+    if sr.text_positions and (sr.transformer.text_tokens, sr.transformer.command_tokens) != (
+            t.text_tokens, t.command_tokens):
+        raise CheckpointMismatchError(f"{what}: the SR stage's text vocabulary ({sr.transformer.text_tokens} text ids) "
+                                      f"is not the base model's ({t.text_tokens})")
+
+
+def _sr_state(super_resolution, config: SuperResolutionConfig | None, what: str):
+    if isinstance(super_resolution, SuperResolutionTransformer):
+        return super_resolution.state_dict(), super_resolution.config
+    if isinstance(super_resolution, Mapping):
+        if not isinstance(config, SuperResolutionConfig):
+            raise ValueError(f"{what}: pass `super_resolution_config` with a super-resolution state dict")
+        return super_resolution, config
+    raise TypeError(f"{what}: `super_resolution` must be a SuperResolutionTransformer or a state dict, got "
+                    f"{type(super_resolution).__name__}")
+
+
+def _write_sr_file(path: Path, state, sr_config: SuperResolutionConfig, save_id: str, dtype, what: str) -> dict:
+    with torch.device("meta"):
+        expected = SuperResolutionTransformer(sr_config).state_dict()
+    check_state_shapes({k: tuple(v.shape) for k, v in expected.items()}, {k: tuple(v.shape) for k, v in state.items()},
+                       f"{what}: super_resolution")
+    save_safetensors(path / SR_FILE, state, {"format": "cogview-super-resolution", _SAVE_ID_KEY: save_id}, dtype=dtype)
+    stored = {v.dtype for v in state.values() if v.is_floating_point()}
+    return {"save_id": save_id, "dtype": dtype_name(dtype) if dtype is not None else
+            ",".join(sorted(dtype_name(d) for d in stored))}
+
+
+def attach_super_resolution(path: str | os.PathLike, super_resolution, *,
+                            config: SuperResolutionConfig | None = None, metadata: Mapping[str, Any] | None = None,
+                            dtype=None) -> Path:
+    """Add (or replace) the super-resolution stage of an existing model directory (full or VQ-VAE-only):
+    writes super_resolution.safetensors (atomically), then config.json with a "super_resolution" entry;
+    everything else in the directory is kept as it is. The stage must fit the directory's VQ-VAE (and
+    base model: `check_super_resolution_fits`)."""
+    what = "attach_super_resolution"
+    directory = read_model_directory(path)
+    dtype = dtype_from_name(dtype)
+    state, sr_config = _sr_state(super_resolution, config, what)
+    check_super_resolution_fits(sr_config, directory.vqvae_config, directory.config, what)
+    metadata = dict(metadata or {})
+    try:
+        json.dumps(metadata)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{what}: `metadata` must be JSON-serialisable: {error}") from None
+    config_path = directory.path / CONFIG_FILE
+    document = json.loads(config_path.read_text(encoding="utf-8"))
+    record = _write_sr_file(directory.path, state, sr_config, uuid.uuid4().hex, dtype, what)
+    document["super_resolution"] = {"config": sr_config.to_dict(), "metadata": metadata}
+    document.setdefault("files", {})[SR_FILE] = record
+    atomic_write_text(config_path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    return directory.path
+
+
 # ---------------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------------
@@ -251,13 +353,15 @@ def _state_dict(obj, what: str) -> Mapping[str, torch.Tensor]:
 
 def save_model_dir(path: str | os.PathLike, *, vqvae, transformer=None, tokenizer=None,
                    config: CogViewConfig | VQVAEConfig | None = None, name: str | None = None,
-                   metadata: Mapping[str, Any] | None = None, dtype=None) -> Path:
+                   metadata: Mapping[str, Any] | None = None, dtype=None, super_resolution=None,
+                   super_resolution_config: SuperResolutionConfig | None = None,
+                   super_resolution_metadata: Mapping[str, Any] | None = None) -> Path:
     """Write a model directory (each file atomically, config.json last).
 
     vqvae / transformer: modules or state dicts (for state dicts, e.g. gathered from FSDP, pass
     `config`). Without a transformer the directory holds a VQ-VAE alone. tokenizer: a
     CogViewTokenizer, the SentencePiece model's bytes or a path to it (required with a transformer).
-    dtype: cast the transformer's floating-point weights (default: as they are). metadata: free JSON
+    dtype: cast the transformer's (and the SR stage's) floating-point weights (default: as they are). metadata: free JSON
     data kept in config.json (training settings, provenance).
     """
     path = Path(path)
@@ -304,6 +408,12 @@ def save_model_dir(path: str | os.PathLike, *, vqvae, transformer=None, tokenize
 
     vqvae_state = _state_dict(vqvae, "vqvae")
     state = _state_dict(transformer, "transformer") if full is not None else None
+    sr_state = sr_config = None
+    if super_resolution is not None:
+        sr_state, sr_config = _sr_state(super_resolution, super_resolution_config, "save_model_dir")
+        check_super_resolution_fits(sr_config, vqvae_config, full, "save_model_dir")
+        sr_metadata = dict(super_resolution_metadata or {})
+        json.dumps(sr_metadata)
     # refuse to write a directory that would not load: names and shapes against the config
     with torch.device("meta"):
         check_state_shapes({k: tuple(v.shape) for k, v in VQVAE(vqvae_config).state_dict().items()},
@@ -326,14 +436,18 @@ def save_model_dir(path: str | os.PathLike, *, vqvae, transformer=None, tokenize
                                    ",".join(sorted(dtype_name(d) for d in stored))}
         atomic_write_bytes(path / TOKENIZER_FILE, tokenizer_bytes)
         files[TOKENIZER_FILE] = {"sha256": hashlib.sha256(tokenizer_bytes).hexdigest()}
+    if sr_state is not None:
+        files[SR_FILE] = _write_sr_file(path, sr_state, sr_config, save_id, dtype, "save_model_dir")
     document = {"format": FORMAT, "format_version": FORMAT_VERSION, "cogview_version": __version__, "name": name,
                 "transformer": full.transformer.to_dict() if full is not None else None,
                 "vqvae": vqvae_config.to_dict(), "metadata": metadata, "files": files}
+    if sr_state is not None:
+        document["super_resolution"] = {"config": sr_config.to_dict(), "metadata": sr_metadata}
     atomic_write_text(path / CONFIG_FILE, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
-    if full is None:  # a VQ-VAE-only save over a full model directory: drop what no longer belongs
-        for stale in (TRANSFORMER_FILE, TOKENIZER_FILE):
-            if (path / stale).exists():
-                (path / stale).unlink()
+    stale_files = ((TRANSFORMER_FILE, TOKENIZER_FILE) if full is None else ()) + ((SR_FILE,) if sr_state is None else ())
+    for stale in stale_files:  # drop what no longer belongs (e.g. a VQ-VAE-only save over a full model directory)
+        if (path / stale).exists():
+            (path / stale).unlink()
     return path
 
 
@@ -352,7 +466,9 @@ class CogView:
     """
 
     def __init__(self, transformer: CogViewTransformer, vqvae: VQVAE, tokenizer: CogViewTokenizer, *,
-                 name: str = "", metadata: Mapping[str, Any] | None = None):
+                 name: str = "", metadata: Mapping[str, Any] | None = None,
+                 super_resolution: SuperResolutionTransformer | None = None,
+                 super_resolution_metadata: Mapping[str, Any] | None = None):
         if not isinstance(transformer, CogViewTransformer):
             raise TypeError(f"CogView: `transformer` must be a CogViewTransformer, got {type(transformer).__name__}")
         if not isinstance(vqvae, VQVAE):
@@ -375,6 +491,14 @@ class CogView:
         self.vqvae = vqvae
         self.tokenizer = tokenizer
         self.metadata: dict[str, Any] = dict(metadata or {})
+        # The optional super-resolution stage (`model.upscale`, `cogview generate --super-resolution`).
+        if super_resolution is not None:
+            if not isinstance(super_resolution, SuperResolutionTransformer):
+                raise TypeError(f"CogView: `super_resolution` must be a SuperResolutionTransformer, got "
+                                f"{type(super_resolution).__name__}")
+            check_super_resolution_fits(super_resolution.config, vqvae.config, self.config, "CogView")
+        self.super_resolution = super_resolution
+        self.super_resolution_metadata: dict[str, Any] = dict(super_resolution_metadata or {})
 
     @property
     def name(self) -> str:
@@ -394,7 +518,11 @@ class CogView:
         tokenizer = load_tokenizer(directory)
         transformer = load_transformer(directory, device=device, dtype=dtype, verify=verify)
         vqvae = load_vqvae(directory, device=device, dtype=vqvae_dtype, verify=verify)
-        return cls(transformer, vqvae, tokenizer, name=directory.name, metadata=directory.metadata)
+        sr = None
+        if directory.super_resolution is not None:
+            sr = load_super_resolution(directory, device=device, dtype=dtype, verify=verify)
+        return cls(transformer, vqvae, tokenizer, name=directory.name, metadata=directory.metadata,
+                   super_resolution=sr, super_resolution_metadata=directory.super_resolution_metadata)
 
     @classmethod
     def from_config(cls, config: CogViewConfig | str, tokenizer, *, device=None, dtype=None,
@@ -420,7 +548,8 @@ class CogView:
         transformer in this dtype (default: as it is). metadata: replaces `self.metadata` in the file."""
         return save_model_dir(path, vqvae=self.vqvae, transformer=self.transformer, tokenizer=self.tokenizer,
                               name=self.name, metadata=self.metadata if metadata is None else metadata,
-                              dtype=dtype)
+                              dtype=dtype, super_resolution=self.super_resolution,
+                              super_resolution_metadata=self.super_resolution_metadata)
 
     # ---- device / dtype ----
     @property
@@ -435,6 +564,8 @@ class CogView:
         """Move both models to `device`; `dtype` applies to the transformer (the VQ-VAE keeps its own)."""
         dtype = dtype_from_name(dtype)
         self.transformer.to(device=device, dtype=dtype)
+        if self.super_resolution is not None:
+            self.super_resolution.to(device=device, dtype=dtype)
         if device is not None:
             self.vqvae.to(device=device)
         return self
@@ -442,6 +573,8 @@ class CogView:
     def eval(self) -> "CogView":
         self.transformer.eval()
         self.vqvae.eval()
+        if self.super_resolution is not None:
+            self.super_resolution.eval()
         return self
 
     def num_parameters(self) -> int:
@@ -452,6 +585,7 @@ class CogView:
     caption = _generation.caption
     score = _generation.score
     complete = _generation.complete
+    upscale = _generation.upscale  # needs the super-resolution stage
 
     def __repr__(self) -> str:
         t = self.config.transformer

@@ -74,6 +74,12 @@ def _generate(args) -> int:
     results = model.generate(args.prompts, num_images=args.num_images, top_k=args.top_k, top_p=args.top_p,
                              temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
                              guidance_scale=args.guidance, rerank=args.rerank, progress=not args.no_progress)
+    if args.super_resolution:  # the model's super-resolution stage (cogview/commands/super_resolution.py)
+        from cogview.commands.super_resolution import parse_schedule
+        from cogview.generation.super_resolution import upscale_results
+
+        results = upscale_results(model, results, schedule=parse_schedule(args.sr_schedule),
+                                  temperature=args.sr_temperature, top_k=args.sr_top_k, batch_size=args.batch_size)
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for i, result in enumerate(results):
@@ -83,7 +89,8 @@ def _generate(args) -> int:
                         "score": result.score, "invalid": result.invalid})
     image_grid([r.image for r in results], columns=args.num_images if len(args.prompts) > 1 else None).save(
         out / "grid.png")
-    settings = {k: getattr(args, k) for k in ("top_k", "top_p", "temperature", "seed", "rerank", "guidance")}
+    settings = {k: getattr(args, k) for k in ("top_k", "top_p", "temperature", "seed", "rerank", "guidance",
+                                              "super_resolution")}
     (out / "results.json").write_text(json.dumps({"model": str(resolve_model_dir(args.model)), "settings": settings,
                                                   "images": records}, indent=2, ensure_ascii=False) + "\n",
                                       encoding="utf-8")
@@ -105,6 +112,11 @@ def add_generate_parser(subparsers) -> None:
                    help="draw N candidates per prompt and keep the best -n by caption score (self-reranking)")
     p.add_argument("--guidance", type=float, default=None, metavar="SCALE",
                    help="classifier-free guidance scale (helps models trained with caption dropout; off by default)")
+    p.add_argument("--super-resolution", action="store_true",
+                   help="upscale every image with the model's super-resolution stage (e.g. 32 -> 96 px)")
+    from cogview.commands.super_resolution import add_sampling_options
+
+    add_sampling_options(p, prefix="sr-")
     _add_model_options(p)
     p.set_defaults(func=_generate)
 
