@@ -50,6 +50,9 @@ constexpr int64_t kTextChunk = 512;  // queries per partial sum of the text-key 
 template <typename T>
 using acc_of = std::conditional_t<std::is_same_v<T, F64>, double, float>;
 
+__host__ __device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+__host__ __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
 __device__ __forceinline__ float device_exp(float v) { return expf(v); }
 __device__ __forceinline__ double device_exp(double v) { return exp(v); }
 __device__ __forceinline__ float device_log(float v) { return logf(v); }
@@ -153,9 +156,9 @@ struct Window {
 
 __device__ __forceinline__ Window window_of(const Params& p, int64_t y, int64_t x) {
   const int64_t cy = y / p.sh, cx = x / p.sw;
-  Window w{max<int64_t>(0, cy - p.rh), min<int64_t>(p.k_h - 1, cy + p.rh), max<int64_t>(0, cx - p.rw),
-           min<int64_t>(p.k_w - 1, cx + p.rw)};
-  if (p.causal) w.y1 = min(w.y1, y);  // same grid: keys at or before (y, x) in raster order
+  Window w{imax(0, cy - p.rh), imin(p.k_h - 1, cy + p.rh), imax(0, cx - p.rw),
+           imin(p.k_w - 1, cx + p.rw)};
+  if (p.causal) w.y1 = imin(w.y1, y);  // same grid: keys at or before (y, x) in raster order
   return w;
 }
 
@@ -207,7 +210,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params p, int64_t til
   for (int64_t t = 0; t < p.text; ++t) visit(p.tk, p.tv, tb, t, bias);
   const Window w = window_of(p, y, x);
   for (int64_t ky = w.y0; ky <= w.y1; ++ky) {
-    const int64_t x1 = (p.causal && ky == y) ? min(w.x1, x) : w.x1;
+    const int64_t x1 = (p.causal && ky == y) ? imin(w.x1, x) : w.x1;
     for (int64_t kx = w.x0; kx <= x1; ++kx) visit(p.k, p.v, kb, ky * p.k_w + kx, acc_t(0));
   }
 
@@ -267,7 +270,7 @@ __global__ void __launch_bounds__(kThreads) backward_dq_kernel(Params p, int64_t
   for (int64_t t = 0; t < p.text; ++t) visit(p.tk, p.tv, tb, t, bias);
   const Window w = window_of(p, y, x);
   for (int64_t ky = w.y0; ky <= w.y1; ++ky) {
-    const int64_t x1 = (p.causal && ky == y) ? min(w.x1, x) : w.x1;
+    const int64_t x1 = (p.causal && ky == y) ? imin(w.x1, x) : w.x1;
     for (int64_t kx = w.x0; kx <= x1; ++kx) visit(p.k, p.v, kb, ky * p.k_w + kx, acc_t(0));
   }
 #pragma unroll
@@ -294,15 +297,15 @@ __global__ void __launch_bounds__(kThreads) backward_dkv_kernel(Params p, int64_
 #pragma unroll
   for (int i = 0; i < EPL; ++i) dk[i] = dv[i] = 0;
   // The queries whose window holds this key: rows y with |y / sh - ky| <= rh, columns alike.
-  int64_t y0 = max<int64_t>(0, (ky - p.rh) * p.sh), y1 = min<int64_t>(p.q_h - 1, (ky + p.rh + 1) * p.sh - 1);
-  const int64_t x0 = max<int64_t>(0, (kx - p.rw) * p.sw), x1 = min<int64_t>(p.q_w - 1, (kx + p.rw + 1) * p.sw - 1);
-  if (p.causal) y0 = max(y0, ky);
+  int64_t y0 = imax(0, (ky - p.rh) * p.sh), y1 = imin(p.q_h - 1, (ky + p.rh + 1) * p.sh - 1);
+  const int64_t x0 = imax(0, (kx - p.rw) * p.sw), x1 = imin(p.q_w - 1, (kx + p.rw + 1) * p.sw - 1);
+  if (p.causal) y0 = imax(y0, ky);
   const int64_t b_first = p.k_batch == 1 ? 0 : kb, b_last = p.k_batch == 1 ? p.batch - 1 : kb;
   for (int64_t b = b_first; b <= b_last; ++b) {
     const acc_t* lse = static_cast<const acc_t*>(p.lse_in) + (b * p.heads + h) * p.n_q;
     const acc_t* delta = static_cast<const acc_t*>(p.delta) + (b * p.heads + h) * p.n_q;
     for (int64_t y = y0; y <= y1; ++y) {
-      const int64_t xs = (p.causal && y == ky) ? max(x0, kx) : x0;
+      const int64_t xs = (p.causal && y == ky) ? imax(x0, kx) : x0;
       for (int64_t x = xs; x <= x1; ++x) {
         const int64_t qi = y * p.q_w + x;
         load_slice<T, EPL>(p.q.ptr, row_of(p.q, b, h, qi), e0, p.d, p.vec, qv);
@@ -346,7 +349,7 @@ __global__ void __launch_bounds__(kThreads) backward_text_kernel(Params p) {
   load_slice<T, EPL>(p.tv.ptr, row_of(p.tv, tb, h, t), e0, p.d, p.vec, v);
 #pragma unroll
   for (int i = 0; i < EPL; ++i) dk[i] = dv[i] = 0;
-  const int64_t q0 = c * kTextChunk, q1 = min(p.n_q, q0 + kTextChunk);
+  const int64_t q0 = c * kTextChunk, q1 = imin(p.n_q, q0 + kTextChunk);
   const int64_t b_first = p.text_batch == 1 ? 0 : tb, b_last = p.text_batch == 1 ? p.batch - 1 : tb;
   for (int64_t b = b_first; b <= b_last; ++b) {
     const acc_t* lse = static_cast<const acc_t*>(p.lse_in) + (b * p.heads + h) * p.n_q;

@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(Params p, int6
   auto q_valid = [&](int r) { return ty + r / kMmaPatch < p.q_h && tx + r % kMmaPatch < p.q_w; };
   const int64_t tb = p.text_batch == 1 ? 0 : b, kb = p.k_batch == 1 ? 0 : b;
   load_tile<T>(qs, ld, p.q.ptr, kMmaQ, d, dpad, p.vec, [&](int r) {
-    const int64_t y = min(ty + r / kMmaPatch, p.q_h - 1), x = min(tx + r % kMmaPatch, p.q_w - 1);
+    const int64_t y = imin(ty + r / kMmaPatch, p.q_h - 1), x = imin(tx + r % kMmaPatch, p.q_w - 1);
     return row_of(p.q, b, h, y * p.q_w + x);  // rows outside the grid repeat a valid one (never written)
   });
   for (int i = threadIdx.x; i < kMmaQ * ldo; i += kMmaThreads) os[i] = 0.0f;
@@ -129,11 +129,11 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(Params p, int6
   }
 
   // The union rectangle of the patch's windows in the key grid.
-  const int64_t y_last = min(ty + kMmaPatch - 1, p.q_h - 1), x_last = min(tx + kMmaPatch - 1, p.q_w - 1);
-  const int64_t ry0 = max<int64_t>(0, ty / p.sh - p.rh);
-  int64_t ry1 = min<int64_t>(p.k_h - 1, y_last / p.sh + p.rh);
-  if (p.causal) ry1 = min(ry1, y_last);
-  const int64_t rx0 = max<int64_t>(0, tx / p.sw - p.rw), rx1 = min<int64_t>(p.k_w - 1, x_last / p.sw + p.rw);
+  const int64_t y_last = imin(ty + kMmaPatch - 1, p.q_h - 1), x_last = imin(tx + kMmaPatch - 1, p.q_w - 1);
+  const int64_t ry0 = imax(0, ty / p.sh - p.rh);
+  int64_t ry1 = imin(p.k_h - 1, y_last / p.sh + p.rh);
+  if (p.causal) ry1 = imin(ry1, y_last);
+  const int64_t rx0 = imax(0, tx / p.sw - p.rw), rx1 = imin(p.k_w - 1, x_last / p.sw + p.rw);
   const int64_t uw = rx1 - rx0 + 1;
   const int64_t union_keys = ry1 >= ry0 ? (ry1 - ry0 + 1) * uw : 0;
   const int64_t text_chunks = (p.text + kMmaK - 1) / kMmaK;
@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(Params p, int6
   for (int64_t c = 0; c < chunks; ++c) {
     const bool text = c < text_chunks;
     const int64_t first = text ? c * kMmaK : (c - text_chunks) * kMmaK;
-    const int count = static_cast<int>(min<int64_t>(kMmaK, (text ? p.text : union_keys) - first));
+    const int count = static_cast<int>(imin(kMmaK, (text ? p.text : union_keys) - first));
     __syncthreads();  // the previous chunk's K/V are no longer read
     if (text) {
       load_tile<T>(ks, ld, p.tk.ptr, count, d, dpad, p.vec, [&](int r) { return row_of(p.tk, tb, h, first + r); });
