@@ -7,6 +7,9 @@ cache[:, :, :max(lengths)] with an explicit additive float mask built from `leng
 measured copy bandwidth (a copy into a preallocated tensor).
 
     python bench/decode.py [--smoke] [--device cuda] [--dtypes float32,bfloat16]
+
+On CUDA: B=8, 40 heads x 64 (CogView-4B). bench/decode_attention_gpu.py is the GPU benchmark of issue 7
+(B in {1, 8}, context 1088, the bandwidth target) that bench/gpu_check.sh runs.
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ def main() -> None:
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     if args.smoke:
         batch, heads, dim, contexts = 2, 2, 64, (80, 300)
+    elif device.startswith("cuda"):  # issue 7's shape (bench/decode_attention_gpu.py also does B = 1)
+        batch, heads, dim, contexts = 8, 40, 64, (1088, 4096)
     else:
         batch, heads, dim, contexts = 8, 8, 64, (1088, 4096)
     bandwidth = _harness.copy_bandwidth(device, numel=(1 << 18) if args.smoke else (1 << 24))

@@ -5,6 +5,9 @@ kept values, top-p over them (keeping the crossing token), torch.multinomial. `-
 the same function under torch.compile. Candidates run interleaved on the same logits.
 
     python bench/sampling.py [--smoke] [--device cuda] [--compile]
+
+bench/sample_tokens_gpu.py is the GPU benchmark of issue 7 (device-tensor seed/offset, the 5x target)
+that bench/gpu_check.sh runs.
 """
 from __future__ import annotations
 
@@ -37,7 +40,12 @@ def main() -> None:
     args = _harness.parse_args(__doc__, lambda p: p.add_argument("--compile", action="store_true",
                                                                  help="also time the baseline under torch.compile"))
     device = args.device
-    shapes = [(1, 512), (8, 1024)] if args.smoke else [(r, v) for r in (1, 8, 64) for v in (8192, 58240)]
+    if args.smoke:
+        shapes = [(1, 512), (8, 1024)]
+    elif device.startswith("cuda"):  # issue 7's GPU rows (also in bench/sample_tokens_gpu.py)
+        shapes = [(r, 58240) for r in (1, 8, 64, 256)]
+    else:
+        shapes = [(r, v) for r in (1, 8, 64) for v in (8192, 58240)]
     lo, hi = (0, 256) if args.smoke else VOCAB_RANGE
     top_k = 16 if args.smoke else TOP_K
     compiled = torch.compile(torch_sampler, dynamic=False) if args.compile else None

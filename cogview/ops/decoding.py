@@ -4,7 +4,10 @@ Both are inference ops (no autograd). Caches are [batch, heads, max_len, head_di
 dtype (k_cache and v_cache alike); new keys/values are cast to it when written. Attention
 accumulates in float32 (float64 for float64 q) and returns q's dtype. Position checks read
 `start`/`lengths` on the host for CPU tensors (eagerly, outside torch.compile) and again inside the
-CPU kernel, which raises before writing or reading anything out of range.
+CPU kernel, which raises before writing or reading anything out of range. On CUDA the values stay on
+the device (no synchronisation, so a decoding step can be captured in a CUDA graph) and are checked by
+the kernels instead: kv_cache_write skips a sequence whose positions would overrun the cache, and
+decode_attention returns NaN for a sequence whose length lies outside [n, max_len].
 """
 from __future__ import annotations
 
@@ -91,7 +94,8 @@ def _share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 def kv_cache_write(k_cache, v_cache, k_new, v_new, start) -> None:
     """Write n new keys/values per sequence into the caches, in place, at positions
     start[b] .. start[b] + n - 1. Caches [B, heads, max_len, d]; k_new/v_new [B, heads, n, d]
-    (cast to the cache dtype); start [B] int64. Out-of-range positions raise ValueError."""
+    (cast to the cache dtype); start [B] int64. Out-of-range positions raise ValueError (on CUDA:
+    that sequence is not written, see the module docstring)."""
     op = "kv_cache_write"
     if _checks.kernel_path(op, "k_cache", k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new, start=start):
         torch.ops.cogview.kv_cache_write(k_cache, v_cache, k_new, v_new, start)  # checks every position first

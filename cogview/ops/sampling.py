@@ -37,7 +37,10 @@ cumulative boundary.
 
 temperature, top_k and top_p may be Python numbers (same for every row) or tensors with one
 element or one value per row; seed and offset may be Python ints or one-element integer tensors,
-which may live on the logits' device (CUDA: read there, no host synchronisation).
+which may live on the logits' device (CUDA: read there, no host synchronisation, so the call can be
+captured in a CUDA graph). Per-row parameter values held on the GPU cannot raise there: a row with a
+negative or non-finite temperature, a negative top_k or a top_p outside [0, 1] returns lo and sets
+invalid[row], like a row without finite logits.
 """
 from __future__ import annotations
 
