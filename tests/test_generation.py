@@ -432,8 +432,9 @@ def test_cli_caption_and_evaluate(model_dir, tmp_path, capsys, model):
 
 def test_cli_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("COGVIEW_MODEL", raising=False)
+    monkeypatch.setattr("cogview.assets.DEFAULT_MODEL", tmp_path / "no-default-model")  # a build without one
     assert cli_main(["generate", "a red circle", "--out", str(tmp_path / "x")]) == 1
-    assert "no default model is bundled" in capsys.readouterr().err
+    assert "no embedded default model" in capsys.readouterr().err
     assert cli_main(["generate", "a red circle", "--out", str(tmp_path / "x"), "--model", str(tmp_path / "nope")]) == 1
     assert "model directory not found" in capsys.readouterr().err
     assert cli_main(["caption", str(tmp_path / "missing.png"), "--model", str(tmp_path / "nope")]) == 1
