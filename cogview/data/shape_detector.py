@@ -32,10 +32,8 @@ from cogview.data.shapes import BACKGROUNDS, COLORS
 
 __all__ = ["DetectedShape", "detect_shapes", "contains", "classify_mask"]
 
-_NAMES = list(COLORS) + list(BACKGROUNDS)
 _OBJECT_PALETTE = np.array([rgb for rgb, _ in COLORS.values()], dtype=np.float32)
 _BACKGROUND_PALETTE = np.array([rgb for rgb, _ in BACKGROUNDS.values()], dtype=np.float32)
-_OBJECT_COLORS = len(COLORS)
 
 
 @dataclass(frozen=True)
@@ -146,7 +144,7 @@ def detect_shapes(image, *, min_area: int | None = None, max_distance: float = 6
     colour, coverage = _coverage(rgb, _background(rgb), max_distance)
     covered = coverage >= 0.5
     found = []
-    for index in range(_OBJECT_COLORS):
+    for index, name in enumerate(COLORS):
         mask = covered & (colour == index)
         if mask.sum() < min_area:
             continue
@@ -157,7 +155,7 @@ def detect_shapes(image, *, min_area: int | None = None, max_distance: float = 6
             crop = np.zeros((bottom - top + 1, right - left + 1), dtype=bool)
             crop[pixels[:, 0] - top, pixels[:, 1] - left] = True
             shape, fill, taper, corners = classify_mask(crop)
-            found.append(DetectedShape(_NAMES[index], shape, len(pixels), (int(top), int(left), int(bottom),
+            found.append(DetectedShape(name, shape, len(pixels), (int(top), int(left), int(bottom),
                                                                             int(right)), fill, taper, corners))
     return sorted(found, key=lambda d: -d.area)
 
