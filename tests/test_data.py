@@ -129,6 +129,38 @@ def test_holdout_pairs_never_reach_training():
         ShapesDataset(10, split="holdout")
 
 
+def test_caption_holdout_shows_the_pairs_but_never_names_both():
+    held = parse_pairs(["red circle", "green square"])
+    train = ShapesDataset(600, seed=3, holdout=held, split="train", holdout_mode="captions", max_objects=2,
+                          attribute_dropout=0.3)
+    seen_held, partial_ordinary = 0, 0
+    for i in range(len(train)):
+        scene, attributes = train.scene(i)
+        en, zh = train.captions(i)
+        assert "red circle" not in en and "green square" not in en
+        assert "红色圆形" not in zh and "绿色正方形" not in zh
+        for obj, how in zip(scene.objects, attributes["naming"]):
+            if (obj.color, obj.shape) in held:
+                seen_held += 1
+                assert how in ("color", "shape")
+                word_en, word_zh = (obj.color, COLORS[obj.color][1]) if how == "color" else (obj.shape, SHAPES[obj.shape])
+                assert word_en in en and word_zh in zh
+            else:
+                partial_ordinary += how != "both"
+    assert seen_held > 60  # ~2/21 of ~900 objects
+    assert partial_ordinary > 100  # ordinary objects are named partially too (~30%)
+    single = Scene((ShapeObject("green", "square", "large", "center"),), "black")
+    assert caption_scene(single, "en", naming=["color"], position=False) == "a large green shape, on a black background"
+    assert caption_scene(single, "zh", naming=["shape"], background=False, position=False) == "一个大的正方形"
+    with pytest.raises(ValueError, match="naming"):
+        caption_scene(single, "en", naming=["colour"])
+    with pytest.raises(ValueError, match="holdout_mode"):
+        ShapesDataset(10, holdout=held, holdout_mode="pictures")
+    # the measurement split still captions every object fully
+    test = ShapesDataset(50, seed=3, holdout=held, split="holdout", holdout_mode="captions")
+    assert all("naming" not in test.scene(i)[1] for i in range(50))
+
+
 # ---------------------------------------------------------------------------------------------
 # folders and manifests
 # ---------------------------------------------------------------------------------------------

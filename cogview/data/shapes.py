@@ -11,10 +11,14 @@ Scene `i` of a dataset is a pure function of (seed, split, i): it is drawn from 
 `numpy.random.Generator` seeded by those three numbers, so any index can be produced on its own, in any
 order, by any worker or rank, with the same result on every machine.
 
-Hold-out: `holdout=[("red", "circle"), ...]` names colour-shape pairs. With split="train" no scene
-contains a held-out pair (neither in the picture nor in the caption); split="holdout" makes every scene
-contain at least one held-out pair (drawn from a separate seed stream), for measuring generalisation;
-split="all" ignores the hold-out list.
+Hold-out: `holdout=[("red", "circle"), ...]` names colour-shape pairs. With split="train" and
+holdout_mode="scenes" (the default) no scene contains a held-out pair (neither in the picture nor in the
+caption). holdout_mode="captions" holds the pairs out of the captions only: a held-out object is drawn
+like any other, but its caption names its colour or its shape, never both ("a green shape", "a square");
+ordinary objects are named that way too, with probability `attribute_dropout`, so such captions do not
+mark held-out pictures. A model must then bind the two words itself when a prompt names both.
+split="holdout" makes every scene contain at least one held-out pair (drawn from a separate seed
+stream), fully captioned, for measuring generalisation; split="all" ignores the hold-out list.
 
 Rendering uses Pillow at `supersample` times the resolution, then a box filter down to the resolution
 (anti-aliased edges). The palettes (`COLORS`, `BACKGROUNDS`) are public so detectors can use them.
@@ -75,6 +79,9 @@ POSITIONS: dict[str, tuple[int, int, str, str]] = {
 }
 LANGUAGES = ("en", "zh")
 _SPLITS = {"train": 1, "holdout": 2, "all": 3}
+HOLDOUT_MODES = ("scenes", "captions")
+# What a caption names of an object: both colour and shape, or one of them ("a red shape", "a circle").
+_NAMINGS = ("both", "color", "shape")
 
 
 @dataclass(frozen=True)
@@ -166,16 +173,30 @@ def _join_en(parts: Sequence[str]) -> str:
     return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def _object_words(obj: ShapeObject, naming: str, language: str) -> tuple[str, str]:
+    """(colour word, shape word) of `obj` under `naming`; an unnamed one is "" / the generic noun."""
+    if language == "en":
+        return (obj.color if naming != "shape" else "",
+                obj.shape if naming != "color" else "shape")
+    return (COLORS[obj.color][1] if naming != "shape" else "",
+            SHAPES[obj.shape] if naming != "color" else "图形")
+
+
 def caption_scene(scene: Scene, language: str = "en", *, size: bool = True, position: bool = True,
-                  background: bool = True) -> str:
+                  background: bool = True, naming: Sequence[str] | None = None) -> str:
     """The caption of `scene` in "en" or "zh"; size/position/background=False leave that attribute out
     (for every object), e.g. `caption_scene(Scene((ShapeObject("red", "circle", "large", "center"),),
-    "black"), size=False, position=False, background=False)` == "a red circle"."""
+    "black"), size=False, position=False, background=False)` == "a red circle". naming: per object,
+    "both" (default), "color" ("a red shape") or "shape" ("a circle")."""
+    naming = ("both",) * len(scene.objects) if naming is None else tuple(naming)
+    if len(naming) != len(scene.objects) or any(n not in _NAMINGS for n in naming):
+        raise ValueError(f"caption_scene: `naming` must give one of {list(_NAMINGS)} per object, got {naming!r}")
     if language == "en":
         parts = []
-        for obj in scene.objects:
+        for obj, how in zip(scene.objects, naming):
+            color, shape = _object_words(obj, how, language)
             words = [obj.size] if size else []
-            words += [obj.color, obj.shape]
+            words += [w for w in (color, shape) if w]
             words.insert(0, "an" if words[0][0] in "aeiou" else "a")
             if position:
                 words.append(POSITIONS[obj.position][2])
@@ -186,8 +207,9 @@ def caption_scene(scene: Scene, language: str = "en", *, size: bool = True, posi
         return text
     if language == "zh":
         parts = []
-        for obj in scene.objects:
-            thing = ("一个" + (SIZES[obj.size][1] + "的" if size else "") + COLORS[obj.color][1] + SHAPES[obj.shape])
+        for obj, how in zip(scene.objects, naming):
+            color, shape = _object_words(obj, how, language)
+            thing = "一个" + (SIZES[obj.size][1] + "的" if size else "") + color + shape
             parts.append((POSITIONS[obj.position][3] + "有" + thing) if position else thing)
         if not background:
             return "，".join(parts) if position else "、".join(parts)
@@ -211,12 +233,15 @@ class ShapesDataset(torch.utils.data.Dataset):
         resolution: image side in pixels (default 64).
         seed: dataset seed; scene i depends only on (seed, split, i).
         holdout: colour-shape pairs kept out of split="train" (("red", "circle") or "red circle").
+        holdout_mode: "scenes" (held-out pairs are in no picture or caption) or "captions" (in
+            pictures, but no caption names both their colour and shape); see the module docstring.
         split: "train", "holdout" (every scene contains a held-out pair) or "all".
         language: "en", "zh" or "both": which captions each item carries (as `captions`, a list of
             alternatives; a trainer picks one per item and epoch).
         min_objects, max_objects: objects per scene (1..3 by default; at most 9).
         attribute_dropout: probability with which a scene's caption leaves out each of size, position
-            and background (decided per scene, the same for all its objects and both languages).
+            and background (decided per scene, the same for all its objects and both languages); with
+            holdout_mode="captions" also the probability that an object is named by colour or shape only.
         jitter: maximal random offset of an object from its grid cell's centre (fraction of the side).
         supersample: rendering oversampling factor for anti-aliasing (1 = hard edges).
 
@@ -225,13 +250,16 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def __init__(self, num_samples: int = 10000, resolution: int = 64, seed: int = 0, holdout: Iterable = (),
                  split: str = "train", language: str = "both", min_objects: int = 1, max_objects: int = 3,
-                 attribute_dropout: float = 0.0, jitter: float = 0.04, supersample: int = 2):
+                 attribute_dropout: float = 0.0, jitter: float = 0.04, supersample: int = 2,
+                 holdout_mode: str = "scenes"):
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"ShapesDataset: `num_samples` must be an int >= 1, got {num_samples!r}")
         if not isinstance(resolution, int) or resolution < 8:
             raise ValueError(f"ShapesDataset: `resolution` must be an int >= 8, got {resolution!r}")
         if split not in _SPLITS:
             raise ValueError(f"ShapesDataset: `split` must be one of {list(_SPLITS)}, got {split!r}")
+        if holdout_mode not in HOLDOUT_MODES:
+            raise ValueError(f"ShapesDataset: `holdout_mode` must be one of {list(HOLDOUT_MODES)}, got {holdout_mode!r}")
         if language not in ("en", "zh", "both"):
             raise ValueError(f"ShapesDataset: `language` must be 'en', 'zh' or 'both', got {language!r}")
         if not (1 <= min_objects <= max_objects <= len(POSITIONS)):
@@ -246,6 +274,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.holdout = parse_pairs(holdout)
         self.split = split
+        self.holdout_mode = holdout_mode
         self.language = language
         self.min_objects = min_objects
         self.max_objects = max_objects
@@ -254,7 +283,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.supersample = int(supersample)
         pairs = [(c, s) for c in COLORS for s in SHAPES]
         held = set(self.holdout)
-        self._allowed = [p for p in pairs if p not in held] if split == "train" else pairs
+        hidden_in_pictures = split == "train" and holdout_mode == "scenes"
+        self._allowed = [p for p in pairs if p not in held] if hidden_in_pictures else pairs
         if not self._allowed:
             raise ValueError("ShapesDataset: the hold-out list leaves no colour-shape pair for training")
         if split == "holdout" and not self.holdout:
@@ -287,7 +317,19 @@ class ShapesDataset(torch.utils.data.Dataset):
         background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
         keep = rng.random(3) >= self.attribute_dropout
         attributes = {"size": bool(keep[0]), "position": bool(keep[1]), "background": bool(keep[2])}
+        if self.split == "train" and self.holdout_mode == "captions":
+            attributes["naming"] = self._naming(objects, rng)
         return Scene(tuple(objects), background), attributes
+
+    def _naming(self, objects, rng: np.random.Generator) -> tuple[str, ...]:
+        """Per object: a held-out pair is named by colour or shape only, others also with probability
+        attribute_dropout (drawn after everything else in the scene)."""
+        held = set(self.holdout)
+        naming = []
+        for obj in objects:
+            partial, which = rng.random(), _NAMINGS[1 + int(rng.integers(2))]
+            naming.append(which if (obj.color, obj.shape) in held or partial < self.attribute_dropout else "both")
+        return tuple(naming)
 
     def captions(self, index: int) -> list[str]:
         scene, attributes = self.scene(index)
@@ -308,6 +350,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     def describe(self) -> dict:
         """The constructor arguments (for headers and logs)."""
         return {"name": "shapes", "num_samples": self.num_samples, "resolution": self.resolution, "seed": self.seed,
-                "holdout": [" ".join(p) for p in self.holdout], "split": self.split, "language": self.language,
+                "holdout": [" ".join(p) for p in self.holdout], "holdout_mode": self.holdout_mode,
+                "split": self.split, "language": self.language,
                 "min_objects": self.min_objects, "max_objects": self.max_objects,
                 "attribute_dropout": self.attribute_dropout, "jitter": self.jitter, "supersample": self.supersample}
