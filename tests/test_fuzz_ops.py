@@ -38,7 +38,8 @@ FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 AGREE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 _NAMED = re.compile(r"`[\w\[\]]+`|argument '\w+'")
 
-FUZZED = {"layer_norm", "add_layer_norm", "kv_cache_write", "decode_attention", "sample_tokens", "local_attention"}
+FUZZED = {"layer_norm", "add_layer_norm", "kv_cache_write", "decode_attention", "sample_tokens", "local_attention",
+          "sandwich_decode_step"}
 
 
 def test_every_public_op_is_fuzzed():
@@ -661,6 +662,111 @@ def test_local_attention_fuzz(seed, fault, dtype, layout, grids, window, batch, 
 
 
 # ---------------------------------------------------------------------------------------------
+# sandwich_decode_step
+# ---------------------------------------------------------------------------------------------
+
+SD_FAULTS = ["none", "none", "none", "rows0", "tokens_int32", "tokens_shape", "tokens_past_vocab", "tokens_negative",
+             "positions_shape", "positions_past_table", "start_overrun", "start_negative", "start_shape",
+             "start_float", "params_missing", "param_shape", "param_dtype", "param_meta", "param_list",
+             "cache_rows", "cache_dtype", "cache_rank", "v_cache_shape", "heads_mismatch", "num_heads_float",
+             "scale_nan", "scale_str", "first_norm_shape", "first_norm_single", "places_width", "mlp0"]
+SD_VALID = {"none", "rows0"}
+
+
+@given(seed=st.integers(0, 2**31 - 1), fault=st.sampled_from(SD_FAULTS),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]), layers=st.integers(1, 2),
+       rows=st.integers(1, 3), heads=st.integers(1, 3), dim=st.integers(1, 6), mlp=st.integers(1, 12),
+       max_len=st.integers(2, 9), specials=st.booleans(), layout=LAYOUTS)
+def test_sandwich_decode_step_fuzz(seed, fault, dtype, layers, rows, heads, dim, mlp, max_len, specials, layout):
+    hidden, vocab, table = heads * dim, 11, 13
+    if fault == "rows0":
+        rows = 0
+    if fault == "mlp0":
+        mlp = 0
+
+    def make():
+        gen = torch.Generator().manual_seed(seed)
+        shapes = [(3 * hidden, hidden), (3 * hidden,), (hidden, hidden), (hidden,), (hidden,), (hidden,), (hidden,),
+                  (hidden,), (mlp, hidden), (mlp,), (hidden, mlp), (hidden,), (hidden,), (hidden,), (hidden,),
+                  (hidden,)]
+        params = [_tensor(seed + 16 * layer + i, shape, dtype, layout, big=False) * 0.5
+                  for layer in range(layers) for i, shape in enumerate(shapes)]
+        words = _tensor(seed + 1000, (vocab, hidden), dtype, "contiguous", specials, big=False)
+        places = _tensor(seed + 1001, (table, hidden), dtype, layout, big=False)
+        first = (_tensor(seed + 1002, (hidden,), dtype, "contiguous"), _tensor(seed + 1003, (hidden,), dtype,
+                                                                                 "contiguous"))
+        cache_shape = (layers, rows, heads, max_len, dim)
+        k_cache = _values(seed + 1004, cache_shape, dtype, False)
+        v_cache = _values(seed + 1005, cache_shape, dtype, False)
+        tokens = torch.randint(0, vocab, (rows, 1), generator=gen)
+        positions = torch.randint(0, table, (rows, 1), generator=gen)
+        start = torch.randint(0, max_len, (rows,), generator=gen)
+        kw = dict(num_heads=heads, scale=dim ** -0.5, eps=1e-5, pb_relax=bool(seed % 2))
+        if fault == "tokens_int32":
+            tokens = tokens.int()
+        elif fault == "tokens_shape":
+            tokens = tokens.expand(rows, 2)
+        elif fault == "tokens_past_vocab":
+            tokens[-1] = vocab
+        elif fault == "tokens_negative":
+            tokens[0] = -1
+        elif fault == "positions_shape":
+            positions = positions[:, 0]
+        elif fault == "positions_past_table":
+            positions[0] = table
+        elif fault == "start_overrun":
+            start[-1] = max_len
+        elif fault == "start_negative":
+            start[0] = -3
+        elif fault == "start_shape":
+            start = start[None]
+        elif fault == "start_float":
+            start = start.float()
+        elif fault == "params_missing":
+            params = params[:-1]
+        elif fault == "param_shape":
+            params[16 * (layers - 1) + 2] = torch.zeros(hidden + 1, hidden, dtype=dtype)
+        elif fault == "param_dtype":
+            params[5] = params[5].to(torch.float16)
+        elif fault == "param_meta":
+            params[9] = params[9].to("meta")
+        elif fault == "param_list":
+            params[3] = params[3].tolist()
+        elif fault == "cache_rows":
+            k_cache = v_cache = torch.zeros(layers, rows + 1, heads, max_len, dim, dtype=dtype)
+        elif fault == "cache_dtype":
+            k_cache = k_cache.to(torch.float16)
+        elif fault == "cache_rank":
+            k_cache = k_cache[0]
+        elif fault == "v_cache_shape":
+            v_cache = torch.zeros(layers, rows, heads, max_len + 1, dim, dtype=dtype)
+        elif fault == "heads_mismatch":
+            kw["num_heads"] = heads + 1
+        elif fault == "num_heads_float":
+            kw["num_heads"] = float(heads)
+        elif fault == "scale_nan":
+            kw["scale"] = float("nan")
+        elif fault == "scale_str":
+            kw["scale"] = "0.5"
+        elif fault == "first_norm_shape":
+            first = (first[0][:-1], first[1])
+        elif fault == "first_norm_single":
+            first = first[0]
+        elif fault == "places_width":
+            places = torch.zeros(table, hidden + 1, dtype=dtype)
+        return ops.sandwich_decode_step(tokens, positions, start, word_embeddings=words, position_embeddings=places,
+                                        first_norm=first, layer_params=params, k_cache=k_cache, v_cache=v_cache,
+                                        **kw), k_cache
+
+    with torch.inference_mode():
+        kernel, ref = _both(make)
+    assert kernel[0] == ("ok" if fault in SD_VALID else "error"), (fault, kernel)
+    if kernel[0] == "ok":
+        _agree(kernel[1][0], ref[1][0], "hidden")
+        _agree(kernel[1][1], ref[1][1], "k_cache")
+
+
+# ---------------------------------------------------------------------------------------------
 # direct op calls: the C++ checks behind the wrappers
 # ---------------------------------------------------------------------------------------------
 
@@ -696,6 +802,14 @@ DIRECT_CALLS = {
         _f(2, 1, 4, 8), _f(2, 1, 4, 8), _f(2, 1, 2, 8), _f(2, 1, 2, 8), torch.tensor([2**63 - 1, 0])),
     "kv_cache_write expanded cache": lambda: _L.kv_cache_write(
         _f(1, 1, 1, 8).expand(2, 1, 4, 8), _f(2, 1, 4, 8), _f(2, 1, 1, 8), _f(2, 1, 1, 8), torch.tensor([0, 1])),
+    "sandwich_decode_step missing layer_params": lambda: _L.sandwich_decode_step(
+        torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+        _f(4, 8), _f(4, 8), _f(8), _f(8), [_f(8)] * 15, _f(1, 1, 2, 4, 4), _f(1, 1, 2, 4, 4), 2, 0.5, 1e-5, False),
+    "sandwich_decode_step token past the vocabulary": lambda: _L.sandwich_decode_step(
+        torch.full((1, 1), 4, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+        _f(4, 8), _f(4, 8), _f(8), _f(8),
+        [_f(24, 8), _f(24), _f(8, 8), _f(8)] + [_f(8)] * 4 + [_f(16, 8), _f(16), _f(8, 16)] + [_f(8)] * 5,
+        _f(1, 1, 2, 4, 4), _f(1, 1, 2, 4, 4), 2, 0.5, 1e-5, False),
     "sample_tokens vocab_hi past vocab": lambda: _L.sample_tokens(
         _f(2, 8), torch.tensor(1), torch.tensor(0), None, None, None, 1.0, 0, 1.0, 0, 9, None),
     "sample_tokens vocab_lo int64 min": lambda: _L.sample_tokens(
@@ -757,6 +871,11 @@ SWEEPS = {
              top_k=0, top_p=1.0, sub_range=False, with_invalid=False, draw_seed=1, offset=0),
         dict(seed=8, dtype=torch.float16, layout="transposed", rows=4, vocab=37, specials=True, temperature=0.7,
              top_k=5, top_p=0.5, sub_range=True, with_invalid=True, draw_seed=-5, offset=2**63)]),
+    "sandwich_decode_step": (test_sandwich_decode_step_fuzz, SD_FAULTS, [
+        dict(seed=11, dtype=torch.float32, layers=2, rows=2, heads=2, dim=4, mlp=12, max_len=6, specials=False,
+             layout="contiguous"),
+        dict(seed=12, dtype=torch.bfloat16, layers=1, rows=3, heads=3, dim=3, mlp=5, max_len=9, specials=True,
+             layout="strided")]),
     "local_attention": (test_local_attention_fuzz, LA_FAULTS, [
         dict(seed=9, dtype=torch.float32, layout="contiguous", grids=((4, 4), (4, 4)), window=(3, 3), batch=1,
              heads=2, dim=8, text=2, causal=False, specials=False, text_bias=0.0, scale=None),

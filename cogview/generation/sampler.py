@@ -28,10 +28,10 @@ updated in place); when capture fails (an op on the path that synchronises, e.g.
 without a CUDA kernel), the loop warns once and runs eagerly.
 
 On CPU, where nothing removes per-call Python costs, a standard model (every layer a CogViewLayer with
-the default attention) runs its decode steps through `lean_cpu_step`: the same kernels in the same
-order as `decode_step`, so the same numbers, with the weights bound once and no module calls. It calls
-the `cogview.ops` wrappers, whose kernel path validates only devices in Python (the C++ kernels check
-shapes, dtypes and every cache position before touching memory).
+the default attention) runs its decode steps through `lean_cpu_step`: one `cogview.ops.sandwich_decode_step`
+call per step, which runs the same kernels in the same order as `decode_step` (so the same numbers)
+inside C++, with the weights bound once; the kernel checks shapes, dtypes and every cache position
+before touching memory.
 """
 from __future__ import annotations
 
@@ -52,14 +52,16 @@ def kv_cache_bytes(config, rows: int, max_len: int, dtype: torch.dtype) -> int:
     return 2 * config.num_layers * rows * max_len * config.hidden_size * torch.empty((), dtype=dtype).element_size()
 
 
-_LEAN_OPS = ("layer_norm", "add_layer_norm", "kv_cache_write", "decode_attention", "sample_tokens")
+_LEAN_OPS = ("sandwich_decode_step", "sample_tokens")
 
 
 def lean_cpu_step(transformer, cache):
-    """A CPU decode step for ONE new token per row, the layers unrolled: a function
-    (tokens [R, 1], positions [R, 1], start [R]) -> final hidden states [R, H], identical to
-    `transformer.decode_step(..., return_hidden=True)[:, 0]`; None when the model is not the standard
-    one on the CPU kernels (then use decode_step). The caller guarantees start + 1 <= cache.max_len."""
+    """A CPU decode step for ONE new token per row through `cogview.ops.sandwich_decode_step` (the
+    whole layer stack in one kernel call): a function (tokens [R, 1], positions [R, 1], start [R]) ->
+    final hidden states [R, H], identical to `transformer.decode_step(..., return_hidden=True)[:, 0]`;
+    None when the model is not the standard one (every layer a plain CogViewLayer with one eps,
+    pb_relax and attention scale) on the CPU kernels (then use decode_step). The caller guarantees
+    start + 1 <= cache.max_len."""
     weight = transformer.word_embeddings.weight
     if weight.device.type != "cpu" or not all(ops.has_kernel(op, "cpu") for op in _LEAN_OPS):
         return None
@@ -73,37 +75,28 @@ def lean_cpu_step(transformer, cache):
         return None
     if any(t.dtype != weight.dtype for t in transformer.parameters()) or cache.dtype != weight.dtype:
         return None
-    config = transformer.config
-    heads, head_dim, hidden_size = config.num_heads, config.head_dim, config.hidden_size
     first = layers[0].input_layernorm
-    eps, pb = first.eps, bool(first.pb_relax)
-    bound = []
+    settings = {(float(layer.eps), bool(layer.pb_relax), float(layer.attention.scale)) for layer in layers}
+    settings |= {(float(n.eps), bool(n.pb_relax), float(layers[0].attention.scale))
+                 for n in [first, transformer.final_layernorm] + [layer.input_layernorm for layer in layers[1:]]}
+    if len(settings) != 1:
+        return None
+    (eps, pb_relax, scale), = settings
+    params = []
     for i, layer in enumerate(layers):
         nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else transformer.final_layernorm
         a, m = layer.attention, layer.mlp
-        bound.append((a.query_key_value.weight, a.query_key_value.bias, a.dense.weight, a.dense.bias, a.scale,
-                      cache.k[i], cache.v[i], layer.third_layernorm.weight, layer.third_layernorm.bias,
-                      layer.post_attention_layernorm.weight, layer.post_attention_layernorm.bias,
-                      m.dense_h_to_4h.weight, m.dense_h_to_4h.bias, m.dense_4h_to_h.weight, m.dense_4h_to_h.bias,
-                      layer.fourth_layernorm.weight, layer.fourth_layernorm.bias, nxt.weight, nxt.bias,
-                      float(layer.eps), bool(layer.pb_relax)))
-    words, places = transformer.word_embeddings.weight, transformer.position_embeddings.weight
+        params += [a.query_key_value.weight, a.query_key_value.bias, a.dense.weight, a.dense.bias,
+                   layer.third_layernorm.weight, layer.third_layernorm.bias, layer.post_attention_layernorm.weight,
+                   layer.post_attention_layernorm.bias, m.dense_h_to_4h.weight, m.dense_h_to_4h.bias,
+                   m.dense_4h_to_h.weight, m.dense_4h_to_h.bias, layer.fourth_layernorm.weight,
+                   layer.fourth_layernorm.bias, nxt.weight, nxt.bias]
+    bound = dict(word_embeddings=weight, position_embeddings=transformer.position_embeddings.weight,
+                 first_norm=(first.weight, first.bias), layer_params=params, k_cache=cache.k, v_cache=cache.v,
+                 num_heads=transformer.config.num_heads, scale=scale, eps=eps, pb_relax=pb_relax)
 
     def step(tokens: torch.Tensor, positions: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        rows = tokens.shape[0]
-        residual = F.embedding(tokens, words) + F.embedding(positions, places)
-        normed = ops.layer_norm(residual, first.weight, first.bias, eps, pb)
-        lengths = start + 1
-        for (w_qkv, b_qkv, w_dense, b_dense, scale, k_cache, v_cache, w3, b3, w_post, b_post, w_up, b_up, w_down,
-             b_down, w4, b4, w_next, b_next, layer_eps, layer_pb) in bound:
-            q, k, v = F.linear(normed, w_qkv, b_qkv).view(rows, 1, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            ops.kv_cache_write(k_cache, v_cache, k, v, start)
-            out = ops.decode_attention(q, k_cache, v_cache, lengths, scale=scale)
-            branch = F.linear(out.transpose(1, 2).reshape(rows, 1, hidden_size), w_dense, b_dense)
-            residual, normed = ops.add_layer_norm(residual, branch, w3, b3, w_post, b_post, layer_eps, layer_pb)
-            branch = F.linear(F.gelu(F.linear(normed, w_up, b_up), approximate="tanh"), w_down, b_down)
-            residual, normed = ops.add_layer_norm(residual, branch, w4, b4, w_next, b_next, layer_eps, layer_pb)
-        return normed[:, 0]
+        return ops.sandwich_decode_step(tokens, positions, start, **bound)
 
     return step
 

@@ -19,6 +19,7 @@ PUBLIC_OPS = (
     "local_attention",
     "kv_cache_write",
     "decode_attention",
+    "sandwich_decode_step",
     "sample_tokens",
 )
 DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}

@@ -17,8 +17,9 @@ import operator
 import torch
 
 from cogview.ops import _checks, reference
+from cogview.ops.reference import SANDWICH_LAYER_PARAMS
 
-__all__ = ["kv_cache_write", "decode_attention"]
+__all__ = ["kv_cache_write", "decode_attention", "sandwich_decode_step", "SANDWICH_LAYER_PARAMS"]
 
 
 def _check_cache_pair(op: str, k_cache, v_cache) -> None:
@@ -162,6 +163,112 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, text_len=0, te
     return reference.decode_attention(q, k_cache, v_cache, lengths, scale, text_len, text_bias)
 
 
+def _check_sandwich(op, tokens, positions, start, words, places, first_weight, first_bias, layer_params, k_cache,
+                    v_cache, num_heads, scale) -> None:
+    """The reference path's checks (the CPU kernel makes the same ones, with the same messages)."""
+    for name, value in (("positions", positions), ("word_embeddings", words), ("position_embeddings", places),
+                        ("first_weight", first_weight), ("first_bias", first_bias), ("k_cache", k_cache),
+                        ("v_cache", v_cache)):
+        _checks.tensor(op, name, value)
+    for name, value in (("tokens", tokens), ("positions", positions)):
+        if value.dtype != torch.int64 or value.shape != (tokens.shape[0] if tokens.dim() else -1, 1):
+            raise ValueError(f"cogview.ops.{op}: `{name}` must be int64 [rows, 1] like `tokens`, got {value.dtype} "
+                             f"{tuple(value.shape)}")
+    if words.dim() != 2 or not words.dtype.is_floating_point:
+        raise ValueError(f"cogview.ops.{op}: `word_embeddings` must be a float [vocab, hidden] tensor, got "
+                         f"{words.dtype} {tuple(words.shape)}")
+    hidden, dtype = words.shape[1], words.dtype
+    if k_cache.dim() != 5 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"cogview.ops.{op}: `k_cache`/`v_cache` must both be [layers, rows, heads, max_len, "
+                         f"head_dim], got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    layers, rows, heads, max_len, head_dim = k_cache.shape
+    if layers < 1 or len(layer_params) != 16 * layers:
+        raise ValueError(f"cogview.ops.{op}: needs 16 `layer_params` per layer ({layers} layers in the cache), got "
+                         f"{len(layer_params)}")
+    if rows != tokens.shape[0]:
+        raise ValueError(f"cogview.ops.{op}: the cache has {rows} rows but `tokens` has {tokens.shape[0]}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or heads != num_heads \
+            or num_heads * head_dim != hidden:
+        raise ValueError(f"cogview.ops.{op}: `num_heads` {num_heads!r} x head_dim {head_dim} must match the cache's "
+                         f"heads {heads} and the hidden size {hidden}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"cogview.ops.{op}: `scale` must be a finite number, got {scale!r}")
+    if k_cache.dtype != dtype or v_cache.dtype != dtype:
+        raise TypeError(f"cogview.ops.{op}: `k_cache`/`v_cache` must have the dtype of `word_embeddings` ({dtype}), "
+                        f"got {k_cache.dtype} and {v_cache.dtype}")
+    if places.dim() != 2 or places.shape[1] != hidden or places.dtype != dtype:
+        raise ValueError(f"cogview.ops.{op}: `position_embeddings` must be [positions, {hidden}] of {dtype}, got "
+                         f"{places.dtype} {tuple(places.shape)}")
+    for name, value in (("first_weight", first_weight), ("first_bias", first_bias)):
+        if value.shape != (hidden,) or value.dtype != dtype:
+            raise ValueError(f"cogview.ops.{op}: `{name}` must be [{hidden}] of {dtype}, got {value.dtype} "
+                             f"{tuple(value.shape)}")
+    for name, ids, table in (("tokens", tokens, words), ("positions", positions, places)):
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= table.shape[0]):
+            raise ValueError(f"cogview.ops.{op}: `{name}` must lie in [0, {table.shape[0]}), got values in "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+    up = layer_params[8]
+    mlp = up.shape[0] if isinstance(up, torch.Tensor) and up.dim() == 2 else -1
+    shapes = {0: (3 * hidden, hidden), 1: (3 * hidden,), 2: (hidden, hidden), 8: (mlp, hidden), 9: (mlp,),
+              10: (hidden, mlp)}
+    for i, value in enumerate(layer_params):
+        _checks.tensor(op, f"layer_params[{i}]", value)
+        if value.device != k_cache.device:
+            raise ValueError(f"cogview.ops.{op}: `layer_params[{i}]` is on {value.device} but the cache is on "
+                             f"{k_cache.device}")
+        if value.dtype != dtype:
+            raise TypeError(f"cogview.ops.{op}: `layer_params[{i}]` is {value.dtype} but `word_embeddings` is {dtype}")
+        want = shapes.get(i % 16, (hidden,))
+        if mlp < 1 or tuple(value.shape) != want:
+            raise ValueError(f"cogview.ops.{op}: `layer_params[{i}]` ({SANDWICH_LAYER_PARAMS[i % 16]} of layer "
+                             f"{i // 16}) must have shape {list(want)}, got {list(value.shape)}")
+    _check_positions(op, "start", start, rows, k_cache.device)
+    if not torch.compiler.is_compiling() and start.numel() and not k_cache.is_cuda:
+        lo, hi = int(start.min()), int(start.max())
+        if lo < 0 or hi + 1 > max_len:
+            raise ValueError(f"cogview.ops.{op}: `start` in [{lo}, {hi}] overruns the cache (max_len {max_len})")
+
+
+def sandwich_decode_step(tokens, positions, start, *, word_embeddings, position_embeddings, first_norm,
+                         layer_params, k_cache, v_cache, num_heads, scale, eps=1e-5, pb_relax=False):
+    """One cached decode step (one new token per row) through a whole stack of CogView's
+    sandwich-LayerNorm layers, in one call; returns the final normed hidden state [rows, hidden].
+
+    tokens, positions [rows, 1] int64; start [rows] int64: the cache slot of the new token (it
+    attends to slots 0..start). first_norm: (weight, bias) of the first layer's input LayerNorm.
+    layer_params: 16 tensors per layer, in the order of SANDWICH_LAYER_PARAMS (the last pair is the
+    next layer's input LayerNorm, or the final LayerNorm after the last layer). k_cache, v_cache:
+    [layers, rows, heads, max_len, head_dim], written in place. scale: the attention logit scale;
+    eps/pb_relax: of every LayerNorm. The definition is `cogview.ops.reference.sandwich_decode_step`;
+    the CPU kernel runs the same kernels as the per-op loop (same numbers) without the per-op cost.
+    """
+    op = "sandwich_decode_step"
+    layer_params = list(layer_params)
+    if not isinstance(first_norm, (tuple, list)) or len(first_norm) != 2:
+        raise TypeError(f"cogview.ops.{op}: `first_norm` must be a (weight, bias) pair")
+    first_weight, first_bias = first_norm
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
+        raise TypeError(f"cogview.ops.{op}: `num_heads` must be an int, got {type(num_heads).__name__}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"cogview.ops.{op}: `scale` must be a finite number, got {scale!r}")
+    if not isinstance(pb_relax, bool) or isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"cogview.ops.{op}: `eps` must be a number and `pb_relax` a bool, got {eps!r}, {pb_relax!r}")
+    # (The list is checked here too: one meta or CUDA tensor in it would send the call to another
+    # dispatch key, e.g. the fake kernel, instead of failing.)
+    if _checks.kernel_path(op, "tokens", tokens, positions=positions, start=start, word_embeddings=word_embeddings,
+                           position_embeddings=position_embeddings, first_weight=first_weight,
+                           first_bias=first_bias, k_cache=k_cache, v_cache=v_cache) \
+            and tokens.is_cpu and all(isinstance(p, torch.Tensor) and p.is_cpu for p in layer_params):
+        return torch.ops.cogview.sandwich_decode_step(tokens, positions, start, word_embeddings, position_embeddings,
+                                                      first_weight, first_bias, layer_params, k_cache, v_cache,
+                                                      int(num_heads), float(scale), float(eps), bool(pb_relax))
+    _check_sandwich(op, tokens, positions, start, word_embeddings, position_embeddings, first_weight, first_bias,
+                    layer_params, k_cache, v_cache, num_heads, scale)
+    return reference.sandwich_decode_step(tokens, positions, start, word_embeddings, position_embeddings,
+                                          first_weight, first_bias, layer_params, k_cache, v_cache, int(num_heads),
+                                          float(scale), float(eps), bool(pb_relax))
+
+
 # ---- fake (meta) implementations: shapes and dtypes only, for torch.compile and export ----
 
 
@@ -173,3 +280,10 @@ def _kv_cache_write_fake(k_cache, v_cache, k_new, v_new, start):
 @torch.library.register_fake("cogview::decode_attention")
 def _decode_attention_fake(q, k_cache, v_cache, lengths, scale, text_len, text_bias):
     return q.new_empty(q.shape)
+
+
+@torch.library.register_fake("cogview::sandwich_decode_step")
+def _sandwich_decode_step_fake(tokens, positions, start, word_embeddings, position_embeddings, first_weight,
+                               first_bias, layer_params, k_cache, v_cache, num_heads, scale, eps=1e-5,
+                               pb_relax=False):
+    return word_embeddings.new_empty((tokens.shape[0], word_embeddings.shape[1]))

@@ -96,6 +96,44 @@ def decode_attention(q, k_cache, v_cache, lengths, scale=None, text_len=0, text_
     return torch.matmul(torch.softmax(logits, dim=-1), values).to(q.dtype)
 
 
+# Per layer, in this order (the `layer_params` of sandwich_decode_step).
+SANDWICH_LAYER_PARAMS = (
+    "qkv_weight", "qkv_bias", "dense_weight", "dense_bias",
+    "third_ln_weight", "third_ln_bias", "post_attention_ln_weight", "post_attention_ln_bias",
+    "up_weight", "up_bias", "down_weight", "down_bias",
+    "fourth_ln_weight", "fourth_ln_bias", "next_ln_weight", "next_ln_bias",
+)
+
+
+def sandwich_decode_step(tokens, positions, start, word_embeddings, position_embeddings, first_weight, first_bias,
+                         layer_params, k_cache, v_cache, num_heads, scale, eps=1e-5, pb_relax=False):
+    """One new token per row through CogView's sandwich-LayerNorm layers over a static K/V cache.
+
+    tokens, positions [R, 1] int64; start [R]: the cache slot of the new token; caches
+    [layers, R, heads, max_len, head_dim], written in place. Per layer (SANDWICH_LAYER_PARAMS):
+    qkv = Linear(normed); write k, v at `start`; attend over slots <= start; residual +=
+    LN3(Linear(context)); normed = LN_post(residual); residual += LN4(Linear(gelu_tanh(Linear(
+    normed)))); normed = LN_next(residual) (the next layer's input LayerNorm, or the final one).
+    Returns the last `normed`, [R, hidden].
+    """
+    rows, hidden = tokens.shape[0], word_embeddings.shape[1]
+    head_dim = hidden // num_heads
+    residual = F.embedding(tokens, word_embeddings) + F.embedding(positions, position_embeddings)
+    normed = layer_norm(residual, first_weight, first_bias, eps, pb_relax)
+    lengths = start + 1
+    for layer in range(k_cache.shape[0]):
+        (w_qkv, b_qkv, w_dense, b_dense, w3, b3, w_post, b_post, w_up, b_up, w_down, b_down, w4, b4, w_next,
+         b_next) = layer_params[16 * layer: 16 * layer + 16]
+        q, k, v = F.linear(normed, w_qkv, b_qkv).view(rows, 1, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        kv_cache_write(k_cache[layer], v_cache[layer], k, v, start)
+        context = decode_attention(q, k_cache[layer], v_cache[layer], lengths, scale)
+        branch = F.linear(context.transpose(1, 2).reshape(rows, 1, hidden), w_dense, b_dense)
+        residual, normed = add_layer_norm(residual, branch, w3, b3, w_post, b_post, eps, pb_relax)
+        branch = F.linear(F.gelu(F.linear(normed, w_up, b_up), approximate="tanh"), w_down, b_down)
+        residual, normed = add_layer_norm(residual, branch, w4, b4, w_next, b_next, eps, pb_relax)
+    return normed[:, 0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Fused token sampling and its counter-based random stream
 # ---------------------------------------------------------------------------------------------

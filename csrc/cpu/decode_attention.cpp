@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/cpu_ops.h"
 #include "cpu/isa.h"
 #include "cpu/tensor_utils.h"
 #include "ops/decoding_checks.h"
@@ -26,6 +27,9 @@ at::Tensor unit_last(const at::Tensor& t, int64_t used) {
   return t.stride(3) == 1 || t.size(3) == 1 ? t : t.narrow(2, 0, used).contiguous();
 }
 
+}  // namespace
+
+// Entry points, also called directly by the fused decode step (csrc/cpu/cpu_ops.h).
 at::Tensor decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                 const at::Tensor& lengths, double scale, int64_t text_len, double text_bias) {
   ops::check_decode_attention(q_in, k_in, v_in, lengths, scale, text_bias);
@@ -120,8 +124,6 @@ at::Tensor decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
   }
   return out;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(cogview, CPU, m) { m.impl("decode_attention", &decode_attention_cpu); }
 

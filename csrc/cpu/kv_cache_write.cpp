@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu/cpu_ops.h"
 #include "cpu/isa.h"
 #include "cpu/tensor_utils.h"
 #include "ops/decoding_checks.h"
@@ -43,6 +44,9 @@ void write_one(const at::Tensor& cache, const at::Tensor& src_in, const at::Tens
   });
 }
 
+}  // namespace
+
+// Entry points, also called directly by the fused decode step (csrc/cpu/cpu_ops.h).
 void kv_cache_write_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
                         const at::Tensor& v_new, const at::Tensor& start) {
   ops::check_kv_cache_write(k_cache, v_cache, k_new, v_new, start);
@@ -57,8 +61,6 @@ void kv_cache_write_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, co
   write_one(k_cache, k_new, start64, "k_new");
   write_one(v_cache, v_new, start64, "v_new");
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(cogview, CPU, m) { m.impl("kv_cache_write", &kv_cache_write_cpu); }
 

@@ -9,6 +9,7 @@
 #include <mutex>
 #include <vector>
 
+#include "cpu/cpu_ops.h"
 #include "cpu/isa.h"
 #include "cpu/tensor_utils.h"
 #include "ops/layer_norm_checks.h"
@@ -198,6 +199,9 @@ at::Tensor backward(LayerNormBackwardArgs& a, at::ScalarType acc, const at::Tens
   return partials.sum(0);
 }
 
+}  // namespace
+
+// Entry points, also called directly by the fused decode step (csrc/cpu/cpu_ops.h).
 std::tuple<at::Tensor, at::Tensor> layer_norm_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                   const at::Tensor& bias, double eps, bool pb_relax) {
   ops::check_layer_norm(x, weight, bias, eps);
@@ -295,8 +299,6 @@ add_layer_norm_backward_cpu(const std::optional<at::Tensor>& grad_new_residual,
           has_next ? grad_of(2, w_next->scalar_type()) : branch.new_empty({0}),
           has_next ? grad_of(3, w_next->scalar_type()) : branch.new_empty({0})};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(cogview, CPU, m) {
   m.impl("layer_norm", &layer_norm_cpu);

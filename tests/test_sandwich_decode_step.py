@@ -1,0 +1,137 @@
+"""sandwich_decode_step: the whole layer stack's decode step in one call, against the per-op module
+path (the same kernels, so the same numbers), the plain-PyTorch reference, torch.compile and opcheck."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cogview import ops
+from cogview.generation.sampler import lean_cpu_step, sample_image_codes
+from cogview.models import CogViewTransformer, TransformerConfig
+
+HAS_KERNEL = ops.has_kernel("sandwich_decode_step", "cpu")
+needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="no CPU kernel")
+
+
+def _model(dtype=torch.float32, pb_relax=False, layers=3, hidden=64, heads=4, seed=0):
+    torch.manual_seed(seed)
+    config = TransformerConfig(num_layers=layers, hidden_size=hidden, num_heads=heads, max_positions=48,
+                               image_tokens=32, text_tokens=64, vocab_pad_multiple=8, pb_relax=pb_relax)
+    model = CogViewTransformer(config).eval()
+    with torch.no_grad():  # non-trivial LayerNorm parameters and biases
+        for name, p in model.named_parameters():
+            if "layernorm" in name or name.endswith("bias"):
+                p.add_(0.3 * torch.randn_like(p))
+    return model.to(dtype)
+
+
+def _prefilled(model, rows=3, prompt=9, max_len=40, seed=1):
+    """A cache holding `prompt` positions per row (ragged: row r holds prompt - r)."""
+    gen = torch.Generator().manual_seed(seed)
+    cache = model.new_cache(rows, max_len)
+    tokens = torch.randint(0, model.config.image_tokens, (rows, prompt), generator=gen)
+    positions = torch.arange(prompt).expand(rows, -1).contiguous()
+    with torch.inference_mode():
+        model.decode_step(tokens, positions, cache, torch.zeros(rows, dtype=torch.long))
+    start = torch.tensor([prompt - r for r in range(rows)])
+    new = torch.randint(0, model.config.image_tokens, (rows, 1), generator=gen)
+    return cache, new, start[:, None].clone(), start
+
+
+def _layer_params(model):
+    """The 16 tensors per layer, in SANDWICH_LAYER_PARAMS order."""
+    params = []
+    for i, layer in enumerate(model.layers):
+        nxt = model.layers[i + 1].input_layernorm if i + 1 < len(model.layers) else model.final_layernorm
+        a, m = layer.attention, layer.mlp
+        params += [a.query_key_value.weight, a.query_key_value.bias, a.dense.weight, a.dense.bias,
+                   layer.third_layernorm.weight, layer.third_layernorm.bias, layer.post_attention_layernorm.weight,
+                   layer.post_attention_layernorm.bias, m.dense_h_to_4h.weight, m.dense_h_to_4h.bias,
+                   m.dense_4h_to_h.weight, m.dense_4h_to_h.bias, layer.fourth_layernorm.weight,
+                   layer.fourth_layernorm.bias, nxt.weight, nxt.bias]
+    return [p.detach() for p in params]
+
+
+def _clone(cache):
+    return type(cache)(cache.k.clone(), cache.v.clone())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype,pb_relax", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False),
+                                            (torch.float64, False)])
+def test_equals_the_per_op_module_path(dtype, pb_relax):
+    model = _model(dtype, pb_relax)
+    cache, tokens, positions, start = _prefilled(model)
+    module_cache = _clone(cache)
+    with torch.inference_mode():
+        want = model.decode_step(tokens, positions, module_cache, start, return_hidden=True)[:, 0]
+        step = lean_cpu_step(model, cache)
+        assert step is not None
+        got = step(tokens, positions, start)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert torch.equal(got, want), (got - want).abs().max()
+    assert torch.equal(cache.k, module_cache.k) and torch.equal(cache.v, module_cache.v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_the_reference(dtype):
+    model = _model(dtype, pb_relax=True)
+    cache, tokens, positions, start = _prefilled(model)
+    ref_cache = _clone(cache)
+    args = dict(word_embeddings=model.word_embeddings.weight, position_embeddings=model.position_embeddings.weight,
+                first_norm=(model.layers[0].input_layernorm.weight, model.layers[0].input_layernorm.bias),
+                num_heads=model.config.num_heads, scale=model.config.head_dim ** -0.5,
+                eps=model.config.layernorm_eps, pb_relax=True)
+    params = _layer_params(model)
+    with torch.inference_mode():
+        with ops.force_reference():
+            want = ops.sandwich_decode_step(tokens, positions, start, layer_params=params, k_cache=ref_cache.k,
+                                            v_cache=ref_cache.v, **args)
+        got = ops.sandwich_decode_step(tokens, positions, start, layer_params=params, k_cache=cache.k,
+                                       v_cache=cache.v, **args)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    torch.testing.assert_close(cache.k, ref_cache.k, rtol=tol, atol=tol)
+
+
+@needs_kernel
+def test_generation_is_the_same_with_and_without_the_fused_step():
+    model = _model()
+    prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11]]
+    kw = dict(num_new=16, image_tokens=model.config.image_tokens, pad_id=0, top_k=8)
+    fused, _ = sample_image_codes(model, prompts, [0, 1, 2], lean=True, **kw)
+    modules, _ = sample_image_codes(model, prompts, [0, 1, 2], lean=False, **kw)
+    assert torch.equal(fused, modules)
+
+
+@needs_kernel
+def test_compile_parity():
+    model = _model()
+    cache, tokens, positions, start = _prefilled(model)
+    compiled_cache = _clone(cache)
+    eager = lean_cpu_step(model, cache)
+    compiled = torch.compile(lean_cpu_step(model, compiled_cache), fullgraph=True)
+    with torch.inference_mode():
+        want = eager(tokens, positions, start)
+        got = compiled(tokens, positions, start)
+    assert torch.equal(got, want)
+    assert torch.equal(cache.k, compiled_cache.k)
+
+
+@needs_kernel
+def test_opcheck():
+    model = _model(layers=2)
+    cache, tokens, positions, start = _prefilled(model, rows=2)
+    first = model.layers[0].input_layernorm
+    torch.library.opcheck(torch.ops.cogview.sandwich_decode_step.default, (
+        tokens, positions, start, model.word_embeddings.weight.detach(), model.position_embeddings.weight.detach(),
+        first.weight.detach(), first.bias.detach(), _layer_params(model), cache.k, cache.v, 4, 0.25, 1e-5, False))
+
+
+def test_a_non_standard_model_keeps_the_module_path():
+    model = _model()
+    model.layers[1].attention.attention_fn = lambda module, q, k, v, ctx: v
+    assert lean_cpu_step(model, model.new_cache(1, 8)) is None
+    mixed = _model()
+    mixed.layers[0].eps = 1e-3
+    assert lean_cpu_step(mixed, mixed.new_cache(1, 8)) is None
