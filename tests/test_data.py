@@ -156,6 +156,15 @@ def test_caption_holdout_shows_the_pairs_but_never_names_both():
         caption_scene(single, "en", naming=["colour"])
     with pytest.raises(ValueError, match="holdout_mode"):
         ShapesDataset(10, holdout=held, holdout_mode="pictures")
+    with pytest.raises(ValueError, match="naming_dropout"):
+        ShapesDataset(10, holdout=held, holdout_mode="captions", naming_dropout=1.5)
+    # naming_dropout=0: only the held-out objects are named partially
+    strict = ShapesDataset(200, seed=3, holdout=held, holdout_mode="captions", attribute_dropout=0.3,
+                           naming_dropout=0.0)
+    for i in range(len(strict)):
+        scene, attributes = strict.scene(i)
+        for obj, how in zip(scene.objects, attributes["naming"]):
+            assert (how != "both") == ((obj.color, obj.shape) in held)
     # the measurement split still captions every object fully
     test = ShapesDataset(50, seed=3, holdout=held, split="holdout", holdout_mode="captions")
     assert all("naming" not in test.scene(i)[1] for i in range(50))

@@ -15,8 +15,8 @@ Hold-out: `holdout=[("red", "circle"), ...]` names colour-shape pairs. With spli
 holdout_mode="scenes" (the default) no scene contains a held-out pair (neither in the picture nor in the
 caption). holdout_mode="captions" holds the pairs out of the captions only: a held-out object is drawn
 like any other, but its caption names its colour or its shape, never both ("a green shape", "a square");
-ordinary objects are named that way too, with probability `attribute_dropout`, so such captions do not
-mark held-out pictures. A model must then bind the two words itself when a prompt names both.
+ordinary objects are named that way too, with probability `naming_dropout` (default: attribute_dropout),
+so such captions do not mark held-out pictures. A model must then bind the two words itself when a prompt names both.
 split="holdout" makes every scene contain at least one held-out pair (drawn from a separate seed
 stream), fully captioned, for measuring generalisation; split="all" ignores the hold-out list.
 
@@ -240,8 +240,9 @@ class ShapesDataset(torch.utils.data.Dataset):
             alternatives; a trainer picks one per item and epoch).
         min_objects, max_objects: objects per scene (1..3 by default; at most 9).
         attribute_dropout: probability with which a scene's caption leaves out each of size, position
-            and background (decided per scene, the same for all its objects and both languages); with
-            holdout_mode="captions" also the probability that an object is named by colour or shape only.
+            and background (decided per scene, the same for all its objects and both languages).
+        naming_dropout: with holdout_mode="captions", the probability that an ordinary object is named
+            by colour or shape only (default: attribute_dropout).
         jitter: maximal random offset of an object from its grid cell's centre (fraction of the side).
         supersample: rendering oversampling factor for anti-aliasing (1 = hard edges).
 
@@ -251,7 +252,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __init__(self, num_samples: int = 10000, resolution: int = 64, seed: int = 0, holdout: Iterable = (),
                  split: str = "train", language: str = "both", min_objects: int = 1, max_objects: int = 3,
                  attribute_dropout: float = 0.0, jitter: float = 0.04, supersample: int = 2,
-                 holdout_mode: str = "scenes"):
+                 holdout_mode: str = "scenes", naming_dropout: float | None = None):
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"ShapesDataset: `num_samples` must be an int >= 1, got {num_samples!r}")
         if not isinstance(resolution, int) or resolution < 8:
@@ -267,6 +268,8 @@ class ShapesDataset(torch.utils.data.Dataset):
                              f"{min_objects}, {max_objects}")
         if not (0.0 <= attribute_dropout <= 1.0):
             raise ValueError(f"ShapesDataset: `attribute_dropout` must lie in [0, 1], got {attribute_dropout!r}")
+        if naming_dropout is not None and not (0.0 <= naming_dropout <= 1.0):
+            raise ValueError(f"ShapesDataset: `naming_dropout` must lie in [0, 1], got {naming_dropout!r}")
         if not (0.0 <= jitter <= 0.1):
             raise ValueError(f"ShapesDataset: `jitter` must lie in [0, 0.1], got {jitter!r}")
         self.num_samples = num_samples
@@ -279,6 +282,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.min_objects = min_objects
         self.max_objects = max_objects
         self.attribute_dropout = float(attribute_dropout)
+        self.naming_dropout = self.attribute_dropout if naming_dropout is None else float(naming_dropout)
         self.jitter = float(jitter)
         self.supersample = int(supersample)
         pairs = [(c, s) for c in COLORS for s in SHAPES]
@@ -323,12 +327,12 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def _naming(self, objects, rng: np.random.Generator) -> tuple[str, ...]:
         """Per object: a held-out pair is named by colour or shape only, others also with probability
-        attribute_dropout (drawn after everything else in the scene)."""
+        naming_dropout (drawn after everything else in the scene)."""
         held = set(self.holdout)
         naming = []
         for obj in objects:
             partial, which = rng.random(), _NAMINGS[1 + int(rng.integers(2))]
-            naming.append(which if (obj.color, obj.shape) in held or partial < self.attribute_dropout else "both")
+            naming.append(which if (obj.color, obj.shape) in held or partial < self.naming_dropout else "both")
         return tuple(naming)
 
     def captions(self, index: int) -> list[str]:
@@ -353,4 +357,5 @@ class ShapesDataset(torch.utils.data.Dataset):
                 "holdout": [" ".join(p) for p in self.holdout], "holdout_mode": self.holdout_mode,
                 "split": self.split, "language": self.language,
                 "min_objects": self.min_objects, "max_objects": self.max_objects,
-                "attribute_dropout": self.attribute_dropout, "jitter": self.jitter, "supersample": self.supersample}
+                "attribute_dropout": self.attribute_dropout, "naming_dropout": self.naming_dropout,
+                "jitter": self.jitter, "supersample": self.supersample}
