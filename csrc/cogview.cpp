@@ -32,11 +32,13 @@ TORCH_LIBRARY(cogview, m) {
   // One decode step (one new token per row) through a whole stack of sandwich-LayerNorm layers
   // (cogview/ops/decoding.py): embeddings, first LayerNorm, per layer 16 `layer_params`, caches
   // [layers, rows, heads, max_len, head_dim] written at `start`. Returns the final normed hidden
-  // state [rows, hidden]. Inference only.
+  // state [rows, hidden]. Inference only. packed_weights: optional MKL-packed copies of the four
+  // projection weights per layer, packed for `packed_rows` rows (a speed hint: the products change
+  // by rounding only).
   m.def("sandwich_decode_step(Tensor tokens, Tensor positions, Tensor start, Tensor word_embeddings,"
         " Tensor position_embeddings, Tensor first_weight, Tensor first_bias, Tensor[] layer_params,"
         " Tensor(a!) k_cache, Tensor(b!) v_cache, int num_heads, float scale, float eps=1e-05,"
-        " bool pb_relax=False) -> Tensor");
+        " bool pb_relax=False, Tensor[]? packed_weights=None, int packed_rows=0) -> Tensor");
   // Fused sampling (cogview/ops/sampling.py). seed/offset: one-element integer tensors (they may
   // live on the device). temperature/top_k/top_p: a one-element or per-row [rows] tensor, which
   // overrides the scalar *_value when given. vocab_hi = -1 means the vocabulary size. `invalid`

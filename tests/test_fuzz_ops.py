@@ -669,8 +669,9 @@ SD_FAULTS = ["none", "none", "none", "rows0", "tokens_int32", "tokens_shape", "t
              "positions_shape", "positions_past_table", "start_overrun", "start_negative", "start_shape",
              "start_float", "params_missing", "param_shape", "param_dtype", "param_meta", "param_list",
              "cache_rows", "cache_dtype", "cache_rank", "v_cache_shape", "heads_mismatch", "num_heads_float",
-             "scale_nan", "scale_str", "first_norm_shape", "first_norm_single", "places_width", "mlp0"]
-SD_VALID = {"none", "rows0"}
+             "scale_nan", "scale_str", "first_norm_shape", "first_norm_single", "places_width", "mlp0",
+             "packed", "packed_count"]
+SD_VALID = {"none", "rows0", "packed"}
 
 
 @given(seed=st.integers(0, 2**31 - 1), fault=st.sampled_from(SD_FAULTS),
@@ -754,6 +755,11 @@ def test_sandwich_decode_step_fuzz(seed, fault, dtype, layers, rows, heads, dim,
             first = first[0]
         elif fault == "places_width":
             places = torch.zeros(table, hidden + 1, dtype=dtype)
+        elif fault == "packed":  # a speed hint (float32 with MKL); None otherwise, like no hint
+            kw["packed_weights"] = ops.pack_projection_weights(params, rows)
+            kw["packed_rows"] = rows
+        elif fault == "packed_count":
+            kw["packed_weights"] = [torch.zeros(1)] * (4 * layers - 1)
         return ops.sandwich_decode_step(tokens, positions, start, word_embeddings=words, position_embeddings=places,
                                         first_norm=first, layer_params=params, k_cache=k_cache, v_cache=v_cache,
                                         **kw), k_cache

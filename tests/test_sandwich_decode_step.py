@@ -65,12 +65,29 @@ def test_equals_the_per_op_module_path(dtype, pb_relax):
     module_cache = _clone(cache)
     with torch.inference_mode():
         want = model.decode_step(tokens, positions, module_cache, start, return_hidden=True)[:, 0]
-        step = lean_cpu_step(model, cache)
+        step = lean_cpu_step(model, cache, pack=False)
         assert step is not None
         got = step(tokens, positions, start)
     assert got.dtype == dtype and got.shape == want.shape
     assert torch.equal(got, want), (got - want).abs().max()
     assert torch.equal(cache.k, module_cache.k) and torch.equal(cache.v, module_cache.v)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3])
+def test_packed_weights_change_rounding_only(rows):
+    model = _model()
+    cache, tokens, positions, start = _prefilled(model, rows=rows)
+    module_cache = _clone(cache)
+    with torch.inference_mode():
+        want = model.decode_step(tokens, positions, module_cache, start, return_hidden=True)[:, 0]
+        got = lean_cpu_step(model, cache, pack=True)(tokens, positions, start)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.k, module_cache.k, rtol=1e-5, atol=1e-5)
+    packed = ops.pack_projection_weights(_layer_params(model), rows)
+    if torch.backends.mkl.is_available():
+        assert packed is not None and len(packed) == 4 * len(model.layers)
+    assert ops.pack_projection_weights([p.bfloat16() for p in _layer_params(model)], rows) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -109,8 +126,8 @@ def test_compile_parity():
     model = _model()
     cache, tokens, positions, start = _prefilled(model)
     compiled_cache = _clone(cache)
-    eager = lean_cpu_step(model, cache)
-    compiled = torch.compile(lean_cpu_step(model, compiled_cache), fullgraph=True)
+    eager = lean_cpu_step(model, cache, pack=False)  # (packed MKL weights are eager-only)
+    compiled = torch.compile(lean_cpu_step(model, compiled_cache, pack=False), fullgraph=True)
     with torch.inference_mode():
         want = eager(tokens, positions, start)
         got = compiled(tokens, positions, start)

@@ -29,9 +29,10 @@ without a CUDA kernel), the loop warns once and runs eagerly.
 
 On CPU, where nothing removes per-call Python costs, a standard model (every layer a CogViewLayer with
 the default attention) runs its decode steps through `lean_cpu_step`: one `cogview.ops.sandwich_decode_step`
-call per step, which runs the same kernels in the same order as `decode_step` (so the same numbers)
-inside C++, with the weights bound once; the kernel checks shapes, dtypes and every cache position
-before touching memory.
+call per step, which runs the same kernels in the same order as `decode_step` inside C++, with the
+weights bound once (float32 projection weights MKL-packed once per batch, so the products match
+`decode_step`'s up to rounding); the kernel checks shapes, dtypes and every cache position before
+touching memory.
 """
 from __future__ import annotations
 
@@ -55,13 +56,14 @@ def kv_cache_bytes(config, rows: int, max_len: int, dtype: torch.dtype) -> int:
 _LEAN_OPS = ("sandwich_decode_step", "sample_tokens")
 
 
-def lean_cpu_step(transformer, cache):
+def lean_cpu_step(transformer, cache, *, pack: bool = True):
     """A CPU decode step for ONE new token per row through `cogview.ops.sandwich_decode_step` (the
     whole layer stack in one kernel call): a function (tokens [R, 1], positions [R, 1], start [R]) ->
     final hidden states [R, H], identical to `transformer.decode_step(..., return_hidden=True)[:, 0]`;
     None when the model is not the standard one (every layer a plain CogViewLayer with one eps,
     pb_relax and attention scale) on the CPU kernels (then use decode_step). The caller guarantees
-    start + 1 <= cache.max_len."""
+    start + 1 <= cache.max_len. pack: hand the kernel MKL-packed projection weights for the cache's
+    row count (float32 with MKL; products equal up to rounding, faster at a few rows)."""
     weight = transformer.word_embeddings.weight
     if weight.device.type != "cpu" or not all(ops.has_kernel(op, "cpu") for op in _LEAN_OPS):
         return None
@@ -94,6 +96,10 @@ def lean_cpu_step(transformer, cache):
     bound = dict(word_embeddings=weight, position_embeddings=transformer.position_embeddings.weight,
                  first_norm=(first.weight, first.bias), layer_params=params, k_cache=cache.k, v_cache=cache.v,
                  num_heads=transformer.config.num_heads, scale=scale, eps=eps, pb_relax=pb_relax)
+    rows = cache.k.shape[1]
+    packed = ops.pack_projection_weights(params, rows) if pack else None
+    if packed is not None:
+        bound.update(packed_weights=packed, packed_rows=rows)
 
     def step(tokens: torch.Tensor, positions: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         return ops.sandwich_decode_step(tokens, positions, start, **bound)

@@ -5,7 +5,13 @@ input's device, and otherwise computes through its plain-PyTorch twin in
 `cogview.ops.reference` (correct, slower). `python -m cogview.info` shows which runs where.
 """
 from cogview.ops._registry import KERNELS, cpu_isa, force_reference, has_kernel, use_cpu_isa, usable_cpu_isas
-from cogview.ops.decoding import SANDWICH_LAYER_PARAMS, decode_attention, kv_cache_write, sandwich_decode_step
+from cogview.ops.decoding import (
+    SANDWICH_LAYER_PARAMS,
+    decode_attention,
+    kv_cache_write,
+    pack_projection_weights,
+    sandwich_decode_step,
+)
 from cogview.ops.layer_norm import add_layer_norm, layer_norm
 from cogview.ops.local_attention import local_attention
 from cogview.ops.sampling import sample_tokens
@@ -16,6 +22,7 @@ __all__ = [
     "kv_cache_write",
     "decode_attention",
     "sandwich_decode_step",
+    "pack_projection_weights",
     "SANDWICH_LAYER_PARAMS",
     "sample_tokens",
     "local_attention",

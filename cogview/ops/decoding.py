@@ -19,7 +19,8 @@ import torch
 from cogview.ops import _checks, reference
 from cogview.ops.reference import SANDWICH_LAYER_PARAMS
 
-__all__ = ["kv_cache_write", "decode_attention", "sandwich_decode_step", "SANDWICH_LAYER_PARAMS"]
+__all__ = ["kv_cache_write", "decode_attention", "sandwich_decode_step", "pack_projection_weights",
+           "SANDWICH_LAYER_PARAMS"]
 
 
 def _check_cache_pair(op: str, k_cache, v_cache) -> None:
@@ -230,7 +231,8 @@ def _check_sandwich(op, tokens, positions, start, words, places, first_weight, f
 
 
 def sandwich_decode_step(tokens, positions, start, *, word_embeddings, position_embeddings, first_norm,
-                         layer_params, k_cache, v_cache, num_heads, scale, eps=1e-5, pb_relax=False):
+                         layer_params, k_cache, v_cache, num_heads, scale, eps=1e-5, pb_relax=False,
+                         packed_weights=None, packed_rows=0):
     """One cached decode step (one new token per row) through a whole stack of CogView's
     sandwich-LayerNorm layers, in one call; returns the final normed hidden state [rows, hidden].
 
@@ -241,6 +243,11 @@ def sandwich_decode_step(tokens, positions, start, *, word_embeddings, position_
     [layers, rows, heads, max_len, head_dim], written in place. scale: the attention logit scale;
     eps/pb_relax: of every LayerNorm. The definition is `cogview.ops.reference.sandwich_decode_step`;
     the CPU kernel runs the same kernels as the per-op loop (same numbers) without the per-op cost.
+
+    packed_weights (CPU kernel, float32, optional): `pack_projection_weights(layer_params, rows)`, the
+    four projection weights of every layer pre-packed for MKL's sgemm for `packed_rows` rows, so that
+    a step does not repack them (at a few rows that costs more than the product). The products then
+    differ from the unpacked ones by rounding only. Ignored by the reference path.
     """
     op = "sandwich_decode_step"
     layer_params = list(layer_params)
@@ -253,20 +260,41 @@ def sandwich_decode_step(tokens, positions, start, *, word_embeddings, position_
         raise ValueError(f"cogview.ops.{op}: `scale` must be a finite number, got {scale!r}")
     if not isinstance(pb_relax, bool) or isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"cogview.ops.{op}: `eps` must be a number and `pb_relax` a bool, got {eps!r}, {pb_relax!r}")
-    # (The list is checked here too: one meta or CUDA tensor in it would send the call to another
+    if packed_weights is not None:
+        packed_weights = list(packed_weights)
+        layers = k_cache.shape[0] if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 5 else -1
+        if len(packed_weights) != 4 * layers or not all(isinstance(p, torch.Tensor) for p in packed_weights):
+            raise ValueError(f"cogview.ops.{op}: `packed_weights` must hold 4 tensors per layer (qkv, dense, up, "
+                             f"down; from pack_projection_weights), got {len(packed_weights)} items")
+    # (The lists are checked here too: one meta or CUDA tensor in them would send the call to another
     # dispatch key, e.g. the fake kernel, instead of failing.)
     if _checks.kernel_path(op, "tokens", tokens, positions=positions, start=start, word_embeddings=word_embeddings,
                            position_embeddings=position_embeddings, first_weight=first_weight,
                            first_bias=first_bias, k_cache=k_cache, v_cache=v_cache) \
-            and tokens.is_cpu and all(isinstance(p, torch.Tensor) and p.is_cpu for p in layer_params):
+            and tokens.is_cpu and all(isinstance(p, torch.Tensor) and p.is_cpu for p in layer_params) \
+            and (packed_weights is None or all(p.is_cpu for p in packed_weights)):
         return torch.ops.cogview.sandwich_decode_step(tokens, positions, start, word_embeddings, position_embeddings,
                                                       first_weight, first_bias, layer_params, k_cache, v_cache,
-                                                      int(num_heads), float(scale), float(eps), bool(pb_relax))
+                                                      int(num_heads), float(scale), float(eps), bool(pb_relax),
+                                                      packed_weights, int(packed_rows))
     _check_sandwich(op, tokens, positions, start, word_embeddings, position_embeddings, first_weight, first_bias,
                     layer_params, k_cache, v_cache, num_heads, scale)
     return reference.sandwich_decode_step(tokens, positions, start, word_embeddings, position_embeddings,
                                           first_weight, first_bias, layer_params, k_cache, v_cache, int(num_heads),
                                           float(scale), float(eps), bool(pb_relax))
+
+
+def pack_projection_weights(layer_params, rows: int):
+    """MKL-packed copies of the four projection weights (qkv, dense, up, down) of every layer in
+    `layer_params` (SANDWICH_LAYER_PARAMS order) for products of `rows` rows, for
+    `sandwich_decode_step(packed_weights=..., packed_rows=rows)`; None where that cannot help (not
+    float32 on the CPU, or a PyTorch without MKL)."""
+    weights = [w for i, w in enumerate(layer_params) if i % 16 in (0, 2, 8, 10)]
+    reorder = getattr(torch.ops.mkl, "_mkl_reorder_linear_weight", None) if torch.backends.mkl.is_available() else None
+    if reorder is None or rows < 1 or any(w.dtype != torch.float32 or not w.is_cpu for w in weights):
+        return None
+    with torch.no_grad():
+        return [reorder(w.detach().contiguous(), int(rows)) for w in weights]
 
 
 # ---- fake (meta) implementations: shapes and dtypes only, for torch.compile and export ----
@@ -285,5 +313,5 @@ def _decode_attention_fake(q, k_cache, v_cache, lengths, scale, text_len, text_b
 @torch.library.register_fake("cogview::sandwich_decode_step")
 def _sandwich_decode_step_fake(tokens, positions, start, word_embeddings, position_embeddings, first_weight,
                                first_bias, layer_params, k_cache, v_cache, num_heads, scale, eps=1e-5,
-                               pb_relax=False):
+                               pb_relax=False, packed_weights=None, packed_rows=0):
     return word_embeddings.new_empty((tokens.shape[0], word_embeddings.shape[1]))

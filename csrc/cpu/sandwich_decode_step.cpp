@@ -5,7 +5,10 @@
 // `lean_cpu_step`), so it gives the same numbers; what it removes is the per-op cost of Python and
 // the dispatcher (about 10 ops per layer), which at batch 1 outweighs the arithmetic of a small model.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include <optional>
 
 #include <cmath>
 #include <tuple>
@@ -105,32 +108,53 @@ void check_args(const at::Tensor& tokens, const at::Tensor& positions, const at:
   }
 }
 
+// x W^T + b, through MKL's pre-packed sgemm when `packed` holds W packed for `packed_rows` rows (it
+// then skips repacking W on every call, which at a handful of rows costs more than the product;
+// MKL falls back to the plain product itself when the row count differs).
+at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor* packed,
+                   int64_t packed_rows) {
+  if (packed == nullptr) return at::linear(x, weight, bias);
+  static const auto mkl_linear =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mkl::_mkl_linear", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            int64_t)>();
+  return mkl_linear.call(x, *packed, weight, bias, packed_rows);
+}
+
 at::Tensor sandwich_decode_step_cpu(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& start,
                                     const at::Tensor& word_embeddings, const at::Tensor& position_embeddings,
                                     const at::Tensor& first_weight, const at::Tensor& first_bias,
                                     at::TensorList params, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                    int64_t num_heads, double scale, double eps, bool pb_relax) {
+                                    int64_t num_heads, double scale, double eps, bool pb_relax,
+                                    const std::optional<std::vector<at::Tensor>>& packed_weights, int64_t packed_rows) {
   check_args(tokens, positions, start, word_embeddings, position_embeddings, first_weight, first_bias, params, k_cache,
              v_cache, num_heads, scale);
   const int64_t rows = tokens.size(0), hidden = word_embeddings.size(1), head_dim = k_cache.size(4);
   at::Tensor residual = at::embedding(word_embeddings, tokens).add_(at::embedding(position_embeddings, positions));
   at::Tensor normed = std::get<0>(layer_norm_cpu(residual, first_weight, first_bias, eps, pb_relax));
   const at::Tensor lengths = start + 1;
+  const bool packed = packed_weights.has_value() && !packed_weights->empty();
+  TORCH_CHECK_VALUE(!packed || static_cast<int64_t>(packed_weights->size()) == 4 * k_cache.size(0),
+                    "cogview: sandwich_decode_step needs 4 `packed_weights` per layer (qkv, dense, up, down), got ",
+                    packed_weights->size());
   for (int64_t layer = 0; layer < k_cache.size(0); ++layer) {
     const at::Tensor* p = params.data() + layer * kParamsPerLayer;
+    const at::Tensor* w = packed ? packed_weights->data() + 4 * layer : nullptr;
+    const auto packed_of = [&](int64_t i) { return w == nullptr ? nullptr : w + i; };
     const at::Tensor k_layer = k_cache[layer], v_layer = v_cache[layer];
     // [rows, 1, 3 * hidden] -> q, k, v [rows, heads, 1, head_dim] (views)
-    const at::Tensor qkv = at::linear(normed, p[kQkvWeight], p[kQkvBias])
+    const at::Tensor qkv = project(normed, p[kQkvWeight], p[kQkvBias], packed_of(0), packed_rows)
                                .view({rows, 1, 3, num_heads, head_dim})
                                .permute({2, 0, 3, 1, 4});
     kv_cache_write_cpu(k_layer, v_layer, qkv[1], qkv[2], start);
     const at::Tensor context = decode_attention_cpu(qkv[0], k_layer, v_layer, lengths, scale, 0, 0.0);
-    at::Tensor branch = at::linear(context.view({rows, 1, hidden}), p[kDenseWeight], p[kDenseBias]);
+    at::Tensor branch = project(context.view({rows, 1, hidden}), p[kDenseWeight], p[kDenseBias], packed_of(1), packed_rows);
     std::tie(residual, normed, std::ignore) =
         add_layer_norm_cpu(residual, branch, p[kThirdWeight], p[kThirdBias], p[kPostAttentionWeight],
                            p[kPostAttentionBias], eps, pb_relax);
-    branch = at::linear(at::gelu(at::linear(normed, p[kUpWeight], p[kUpBias]), "tanh"), p[kDownWeight],
-                        p[kDownBias]);
+    const at::Tensor up = project(normed, p[kUpWeight], p[kUpBias], packed_of(2), packed_rows);
+    branch = project(at::gelu(up, "tanh"), p[kDownWeight], p[kDownBias], packed_of(3), packed_rows);
     std::tie(residual, normed, std::ignore) = add_layer_norm_cpu(
         residual, branch, p[kFourthWeight], p[kFourthBias], p[kNextWeight], p[kNextBias], eps, pb_relax);
   }
@@ -140,5 +164,7 @@ at::Tensor sandwich_decode_step_cpu(const at::Tensor& tokens, const at::Tensor& 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cogview, CPU, m) { m.impl("sandwich_decode_step", &sandwich_decode_step_cpu); }
+// MKL-packed weights are MkldnnCPU tensors; with them in `packed_weights` the call dispatches here.
+TORCH_LIBRARY_IMPL(cogview, MkldnnCPU, m) { m.impl("sandwich_decode_step", &sandwich_decode_step_cpu); }
 
 }  // namespace cogview::cpu
