@@ -4,11 +4,15 @@ Steps (each skipped when its output already exists, unless --force):
   1. VQ-VAE on `shapes` at 32x32 (recipes/default/vqvae.yaml)            -> runs/default/vqvae
   2. transformer on the same scenes, tokenized by that VQ-VAE
      (recipes/default/transformer.yaml)                                  -> runs/default/model
-  3. export: transformer stored in float16 into cogview/assets/default (the package data)
-  4. quality: the shapes detector over 50 held-out-pair prompts, plain and with rerank=8, and over 50
+  3. super-resolution stage, 8x8 -> 24x24 codes (32 -> 96 px) with that
+     VQ-VAE (recipes/shapes-sr.yaml)                                     -> runs/default/sr
+  4. export: transformer and SR stage stored in float16 into cogview/assets/default (the package data)
+  5. quality: the shapes detector over 50 held-out-pair prompts, plain and with rerank=8, and over 50
      seen-pair prompts -> recipes/default/quality.json, docs/images/default-grid.png
 
-Prints the wall time of every step. Training threads: --threads (default: all cores).
+Steps 2 and 3 need only the VQ-VAE, so they run side by side as two processes of one thread each (on
+two cores that beats running them one after the other with two threads: small matrix products scale
+poorly across threads); their logs go to runs/default/{model,sr}.log. Prints the wall time of every step.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,51 +49,98 @@ def _step(name: str, done: bool, force: bool, fn) -> float:
     return seconds
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default=str(ROOT / "runs" / "default"), help="work directory (default runs/default)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
-    parser.add_argument("--force", action="store_true", help="redo every step")
-    parser.add_argument("--skip-quality", action="store_true", help="export only; do not measure quality")
-    args = parser.parse_args(argv)
-
+def _train(step: str, runs: Path, threads: int) -> None:
+    """One training step in this process: "vqvae", "transformer" or "sr"."""
     import torch
 
     from cogview.training import train_transformer, train_vqvae
+    from cogview.training.sr_trainer import train_super_resolution
     from cogview.training.config import load_config_file
+
+    torch.set_num_threads(threads)
+    vqvae_dir = runs / "vqvae"
+    if step == "vqvae":
+        train_vqvae(**load_config_file(HERE / "vqvae.yaml"), output=str(vqvae_dir), threads=threads, resume="latest")
+    elif step == "transformer":
+        train_transformer(**load_config_file(HERE / "transformer.yaml"), output=str(runs / "model"),
+                          vqvae=str(vqvae_dir), threads=threads, resume="latest")
+    elif step == "sr":  # text-free: the stage reads the VQ-VAE's codes only, so it serves any base model
+        settings = {**load_config_file(ROOT / "recipes" / "shapes-sr.yaml"), "threads": threads}
+        train_super_resolution(**settings, base=str(vqvae_dir), output=str(runs / "sr"), resume="latest")
+    else:
+        raise ValueError(f"unknown step {step!r}")
+
+
+def _side_by_side(steps: list[str], runs: Path) -> None:
+    """Run training steps as parallel child processes of one thread each; raise if one fails."""
+    children = {}
+    for step in steps:
+        log = runs / ("model.log" if step == "transformer" else f"{step}.log")
+        print(f"[default-model]   {step}: log {log}", flush=True)
+        handle = open(log, "ab")
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        children[step] = (subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--runs", str(runs),
+                                            "--train-step", step], stdout=handle, stderr=subprocess.STDOUT, env=env),
+                          handle, time.perf_counter())
+    failed = []
+    for step, (child, handle, began) in children.items():
+        code = child.wait()
+        handle.close()
+        print(f"[default-model]   {step}: {'done' if code == 0 else f'FAILED (exit {code})'} in "
+              f"{(time.perf_counter() - began) / 60:.1f} min", flush=True)
+        if code:
+            failed.append(step)
+    if failed:
+        raise SystemExit(f"[default-model] training failed: {failed}; see the logs in {runs}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "default"), help="work directory (default runs/default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads of the VQ-VAE step (0: all cores)")
+    parser.add_argument("--force", action="store_true", help="redo every step")
+    parser.add_argument("--skip-quality", action="store_true", help="export only; do not measure quality")
+    parser.add_argument("--train-step", choices=("vqvae", "transformer", "sr"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    runs = Path(args.runs)
+    if args.train_step:  # a child of _side_by_side
+        _train(args.train_step, runs, threads=1)
+        return 0
+
+    import torch
 
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    runs = Path(args.runs)
-    vqvae_dir, model_dir = runs / "vqvae", runs / "model"
+    runs.mkdir(parents=True, exist_ok=True)
+    vqvae_dir, model_dir, sr_dir = runs / "vqvae", runs / "model", runs / "sr"
+    if args.force:
+        for directory in (vqvae_dir, model_dir, sr_dir):
+            shutil.rmtree(directory, ignore_errors=True)
     timings = {}
 
-    def vqvae():
-        settings = load_config_file(HERE / "vqvae.yaml")
-        train_vqvae(**settings, output=str(vqvae_dir), threads=threads, resume="latest")
-
-    def transformer():
-        settings = load_config_file(HERE / "transformer.yaml")
-        train_transformer(**settings, output=str(model_dir), vqvae=str(vqvae_dir), threads=threads, resume="latest")
-
     def export():
-        from cogview.pipeline import CogView
+        from cogview.pipeline import CogView, attach_super_resolution, load_super_resolution, read_model_directory
 
         model = CogView.from_pretrained(model_dir)
         staging = ASSET.with_name("default.tmp")
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging, dtype=torch.float16)
+        attach_super_resolution(staging, load_super_resolution(sr_dir),
+                                metadata=read_model_directory(sr_dir).super_resolution_metadata, dtype=torch.float16)
         shutil.rmtree(ASSET, ignore_errors=True)
         staging.rename(ASSET)
         size = sum(f.stat().st_size for f in ASSET.iterdir())
         print(f"[default-model] exported to {ASSET}: {size / 2**20:.2f} MiB")
 
-    timings["vqvae"] = _step("1/4 train the VQ-VAE", (vqvae_dir / "config.json").is_file(), args.force, vqvae)
-    timings["transformer"] = _step("2/4 train the transformer", (model_dir / "config.json").is_file(), args.force,
-                                   transformer)
-    timings["export"] = _step("3/4 export to the package", False, True, export)
+    timings["vqvae"] = _step("1/5 train the VQ-VAE", (vqvae_dir / "config.json").is_file(), False,
+                             lambda: _train("vqvae", runs, threads))
+    pending = [step for step, directory in (("transformer", model_dir), ("sr", sr_dir))
+               if not (directory / "config.json").is_file()]
+    timings["transformer+sr"] = _step("2-3/5 train the transformer and the SR stage side by side", not pending,
+                                      False, lambda: _side_by_side(pending, runs))
+    timings["export"] = _step("4/5 export to the package", False, True, export)
     if not args.skip_quality:
-        timings["quality"] = _step("4/4 measure quality", False, True, lambda: measure(HERE / "quality.json"))
+        timings["quality"] = _step("5/5 measure quality", False, True, lambda: measure(HERE / "quality.json"))
     print(json.dumps({"minutes": {k: round(v / 60, 2) for k, v in timings.items()}}, indent=1))
     return 0
 
@@ -101,12 +153,21 @@ def measure(report_path: Path) -> dict:
 
     model = CogView.from_pretrained(ASSET, dtype="float32").eval()
     report = {}
-    for name, pairs, rerank in (("held_out", "held-out", None), ("held_out_rerank8", "held-out", 8),
-                                ("seen", "seen", None), ("seen_rerank8", "seen", 8)):
-        result = shapes_quality(model, pairs, count=50, seed=0, rerank=rerank)
+    for name, pairs, rerank, temperature in (("held_out", "held-out", None, 1.0), ("held_out_rerank8", "held-out", 8, 1.0),
+                                             ("seen", "seen", None, 1.0), ("seen_rerank8", "seen", 8, 1.0),
+                                             ("held_out_t0.7", "held-out", None, 0.7), ("seen_t0.7", "seen", None, 0.7)):
+        result = shapes_quality(model, pairs, count=50, seed=0, rerank=rerank, temperature=temperature)
+        result["temperature"] = temperature
         result.pop("images")
         report[name] = result
         print(f"[default-model] {name}: {result['hits']}/{result['prompts']} = {result['rate']:.0%}", flush=True)
+    if model.super_resolution is not None:
+        from cogview.generation.super_resolution import evaluate_super_resolution
+
+        sr = evaluate_super_resolution(model, num_images=64)
+        report["super_resolution"] = sr
+        print(f"[default-model] super-resolution PSNR over {sr['num_images']} held-out scenes: "
+              f"{sr['psnr_sr']:.2f} dB (bicubic {sr['psnr_bicubic']:.2f} dB)", flush=True)
     report_path.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     results = model.generate(GRID_PROMPTS, num_images=4, seed=0, progress=False)
     grid = image_grid([r.image.resize((96, 96), 0) for r in results], columns=8)
