@@ -17,11 +17,12 @@ def describe() -> str:
         f"CPU ISAs compiled: {', '.join(info['cpu_isas'])}; usable here: {', '.join(_registry.usable_cpu_isas())}; "
         f"in use: {_registry.cpu_isa()}  (set COGVIEW_CPU_ISA to force one)",
         "",
-        f"{'op':<18}{'cpu':<20}{'cuda':<20}",
     ]
+    width = max(len(op) for op in _registry.KERNELS) + 2
+    lines.append(f"{'op':<{width}}{'cpu':<20}{'cuda':<20}")
     for op, devices in _registry.KERNELS.items():
         cells = ["kernel" if devices[d] else "reference (PyTorch)" for d in ("cpu", "cuda")]
-        lines.append(f"{op:<18}{cells[0]:<20}{cells[1]:<20}")
+        lines.append(f"{op:<{width}}{cells[0]:<20}{cells[1]:<20}")
     return "\n".join(lines)
 
 
