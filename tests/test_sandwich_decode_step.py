@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cogview import ops
-from cogview.generation.sampler import lean_cpu_step, sample_image_codes
+from cogview.generation.sampler import lean_cpu_step, sample_image_codes, sandwich_layer_params
 from cogview.models import CogViewTransformer, TransformerConfig
 
 HAS_KERNEL = ops.has_kernel("sandwich_decode_step", "cpu")
@@ -39,17 +39,7 @@ def _prefilled(model, rows=3, prompt=9, max_len=40, seed=1):
 
 
 def _layer_params(model):
-    """The 16 tensors per layer, in SANDWICH_LAYER_PARAMS order."""
-    params = []
-    for i, layer in enumerate(model.layers):
-        nxt = model.layers[i + 1].input_layernorm if i + 1 < len(model.layers) else model.final_layernorm
-        a, m = layer.attention, layer.mlp
-        params += [a.query_key_value.weight, a.query_key_value.bias, a.dense.weight, a.dense.bias,
-                   layer.third_layernorm.weight, layer.third_layernorm.bias, layer.post_attention_layernorm.weight,
-                   layer.post_attention_layernorm.bias, m.dense_h_to_4h.weight, m.dense_h_to_4h.bias,
-                   m.dense_4h_to_h.weight, m.dense_4h_to_h.bias, layer.fourth_layernorm.weight,
-                   layer.fourth_layernorm.bias, nxt.weight, nxt.bias]
-    return [p.detach() for p in params]
+    return [p.detach() for p in sandwich_layer_params(model)]
 
 
 def _clone(cache):

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from cogview import ops
 from cogview.models.transformer import CogViewLayer, LayerNorm, SelfAttention
 
-__all__ = ["kv_cache_bytes", "lean_cpu_step", "sample_image_codes"]
+__all__ = ["kv_cache_bytes", "lean_cpu_step", "sandwich_layer_params", "sample_image_codes"]
 
 
 def kv_cache_bytes(config, rows: int, max_len: int, dtype: torch.dtype) -> int:
@@ -54,6 +54,23 @@ def kv_cache_bytes(config, rows: int, max_len: int, dtype: torch.dtype) -> int:
 
 
 _LEAN_OPS = ("sandwich_decode_step", "sample_tokens")
+
+
+def sandwich_layer_params(transformer) -> list[torch.Tensor]:
+    """The `layer_params` of `cogview.ops.sandwich_decode_step` for a standard CogViewTransformer: 16
+    tensors per layer in SANDWICH_LAYER_PARAMS order (the last pair is the next layer's input
+    LayerNorm, or the final LayerNorm)."""
+    layers = list(transformer.layers)
+    params = []
+    for i, layer in enumerate(layers):
+        nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else transformer.final_layernorm
+        a, m = layer.attention, layer.mlp
+        params += [a.query_key_value.weight, a.query_key_value.bias, a.dense.weight, a.dense.bias,
+                   layer.third_layernorm.weight, layer.third_layernorm.bias, layer.post_attention_layernorm.weight,
+                   layer.post_attention_layernorm.bias, m.dense_h_to_4h.weight, m.dense_h_to_4h.bias,
+                   m.dense_4h_to_h.weight, m.dense_4h_to_h.bias, layer.fourth_layernorm.weight,
+                   layer.fourth_layernorm.bias, nxt.weight, nxt.bias]
+    return params
 
 
 def lean_cpu_step(transformer, cache, *, pack: bool = True):
@@ -84,15 +101,7 @@ def lean_cpu_step(transformer, cache, *, pack: bool = True):
     if len(settings) != 1:
         return None
     (eps, pb_relax, scale), = settings
-    params = []
-    for i, layer in enumerate(layers):
-        nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else transformer.final_layernorm
-        a, m = layer.attention, layer.mlp
-        params += [a.query_key_value.weight, a.query_key_value.bias, a.dense.weight, a.dense.bias,
-                   layer.third_layernorm.weight, layer.third_layernorm.bias, layer.post_attention_layernorm.weight,
-                   layer.post_attention_layernorm.bias, m.dense_h_to_4h.weight, m.dense_h_to_4h.bias,
-                   m.dense_4h_to_h.weight, m.dense_4h_to_h.bias, layer.fourth_layernorm.weight,
-                   layer.fourth_layernorm.bias, nxt.weight, nxt.bias]
+    params = sandwich_layer_params(transformer)
     bound = dict(word_embeddings=weight, position_embeddings=transformer.position_embeddings.weight,
                  first_norm=(first.weight, first.bias), layer_params=params, k_cache=cache.k, v_cache=cache.v,
                  num_heads=transformer.config.num_heads, scale=scale, eps=eps, pb_relax=pb_relax)
