@@ -50,14 +50,17 @@ def _time_once(fn: Callable[[], object], device: str, inner: int) -> float:
 
 
 def compare(candidates: dict[str, Callable[[], object]], device: str, repeats: int,
-            min_round_s: float = 0.02) -> dict[str, float]:
-    """Median seconds per call of each candidate, timed in interleaved rounds."""
+            min_round_s: float = 0.02, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each candidate, timed in interleaved rounds (A B A B ...).
+
+    Each candidate first runs `warmup` times (compilation, caches); with min_round_s > 0 one more
+    timed call sizes its rounds to at least that long, else a round is one call (calls of seconds)."""
     inner = {}
-    for name, fn in candidates.items():  # warm up (compilation, caches) and size the rounds
-        fn()
-        fn()
-        once = max(_time_once(fn, device, 1), 1e-7)
-        inner[name] = max(1, int(min_round_s / once))
+    for name, fn in candidates.items():
+        for _ in range(warmup):
+            fn()
+        once = max(_time_once(fn, device, 1), 1e-7) if min_round_s > 0 else None
+        inner[name] = max(1, int(min_round_s / once)) if once else 1
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():

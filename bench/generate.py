@@ -19,9 +19,7 @@ On CUDA the table adds ms per token (averaged over the image's codes) against th
 """
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -110,22 +108,6 @@ def model_config(name: str) -> CogViewConfig:
     return presets[name]
 
 
-def interleaved(candidates: dict, device: str, repeats: int) -> dict[str, float]:
-    """Median seconds per call: one warm-up call each, then `repeats` rounds A B A B ... (a call is a
-    whole batch of images, long enough to time alone)."""
-    for fn in candidates.values():
-        fn()
-    samples = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            _harness.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            _harness.synchronize(device)
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 def run_preset(name: str, args, batches: list[int], bandwidth: float) -> list[dict]:
     device = args.device
     on_cuda = device.startswith("cuda")
@@ -168,7 +150,7 @@ def run_preset(name: str, args, batches: list[int], bandwidth: float) -> list[di
                                                   image_tokens=config.image_tokens, pad_id=pad_id, top_k=TOP_K),
             "plain": lambda: plain_generate(model, p_dev, num_codes, TOP_K, generator=generator),
         }
-        times = interleaved(candidates, device, repeats)
+        times = _harness.compare(candidates, device, repeats, min_round_s=0, warmup=1)  # whole batches
         base = times["plain"]
         for label, seconds in times.items():
             row = {"preset": name, "codes": num_codes, "dtype": str(dtype).replace("torch.", ""), "batch": batch,

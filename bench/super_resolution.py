@@ -24,9 +24,7 @@ through the trunk (the SR passes process MORE tokens; the win is parallelism, no
 """
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -48,20 +46,6 @@ CASES = {
     "smoke": ("test-4to12", {}),  # 2x2 -> 6x6 codes, 2 x 32 (see SMOKE)
 }
 SMOKE = dict(low_res=2, window=(3, 3), cross_window=(3, 3), tile=(3, 3), schedule=(5, 3, 1))
-
-
-def time_rounds(candidates: dict, device: str, repeats: int) -> dict[str, float]:
-    """Median seconds per call, in interleaved rounds (A B A B ...). Calls take seconds: the caller has
-    already run each once (warm-up), and a round is one call."""
-    samples = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            _harness.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            _harness.synchronize(device)
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +129,7 @@ def main() -> None:
             }
             # warm-up call of each (and the shapes agree)
             assert candidates["sr"]().shape == candidates["sliding"]().shape == (batch, big, big)
-            times = time_rounds(candidates, device, repeats)
+            times = _harness.compare(candidates, device, repeats, min_round_s=0, warmup=0)  # warmed up above
             passes = 1 + len(config.schedule)
             rows.append({
                 "case": name, "grids": f"{h}x{h}->{big}x{big}", "trunk": f"{t.num_layers}x{t.hidden_size}",

@@ -66,7 +66,8 @@ class CheckpointMismatchError(CheckpointError):
 # ---------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a folder (its entries survive a crash); best effort where folders cannot be opened."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -101,7 +102,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

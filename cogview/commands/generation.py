@@ -165,6 +165,11 @@ def _evaluate(args) -> int:
     model = _load(args)
     report = evaluate_captions(model, args.data, batch_size=args.batch_size, limit=args.limit,
                                progress=not args.no_progress)
+    return print_report(report, args)
+
+
+def print_report(report: dict, args) -> int:
+    """Print an evaluation report as JSON (with the model directory), and write it to --json if given."""
     report["model"] = str(resolve_model_dir(args.model))
     text = json.dumps(report, indent=2)
     print(text)

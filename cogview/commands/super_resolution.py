@@ -139,7 +139,7 @@ def add_upscale_parser(subparsers) -> None:
 
 
 def _evaluate_sr(args) -> int:
-    from cogview.commands.generation import resolve_model_dir
+    from cogview.commands.generation import print_report
     from cogview.generation.super_resolution import evaluate_super_resolution
 
     stage = _load_stage(args)
@@ -147,12 +147,7 @@ def _evaluate_sr(args) -> int:
     report = evaluate_super_resolution(stage, data, num_images=args.num_images,
                                        schedule=parse_schedule(args.schedule), captions=args.captions,
                                        progress=not args.no_progress)
-    report["model"] = str(resolve_model_dir(args.model))
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n", encoding="utf-8")
-    return 0
+    return print_report(report, args)
 
 
 def add_evaluate_sr_parser(subparsers) -> None:

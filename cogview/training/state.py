@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from cogview.checkpoint import CheckpointCorruptError, atomic_write_text
+from cogview.checkpoint import CheckpointCorruptError, atomic_write_text, fsync_dir
 from cogview.training.distributed import DistEnv, barrier, broadcast_object
 
 __all__ = ["CheckpointManager", "rng_state", "set_rng_state", "full_model_state_dict"]
@@ -98,16 +98,7 @@ def _fsync_tree(folder: Path) -> None:
             finally:
                 os.close(fd)
     for path in [folder, *sorted(p for p in folder.rglob("*") if p.is_dir())]:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        fsync_dir(path)
 
 
 def _quiet():
