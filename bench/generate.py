@@ -128,7 +128,7 @@ def run_preset(name: str, args, batches: list[int], bandwidth: float) -> list[di
 
     # the two loops draw the same codes greedily (first 64 codes of two images)
     check, n_check = prompts[:2], min(num_codes, 64)
-    ours, _ = sample_image_codes(model, check.tolist(), [0, 1], num_new=n_check, image_tokens=config.image_tokens,
+    ours, _ = sample_image_codes(model, check.tolist(), list(range(len(check))), num_new=n_check, image_tokens=config.image_tokens,
                                  pad_id=pad_id, temperature=0.0)
     theirs = plain_generate(model, check.to(device), n_check, top_k=1)
     agree = (ours == theirs).float().mean().item()

@@ -49,9 +49,10 @@ def _clone(cache):
 @needs_kernel
 @pytest.mark.parametrize("dtype,pb_relax", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False),
                                             (torch.float64, False)])
-def test_equals_the_per_op_module_path(dtype, pb_relax):
+@pytest.mark.parametrize("rows", [1, 3])
+def test_equals_the_per_op_module_path(dtype, pb_relax, rows):
     model = _model(dtype, pb_relax)
-    cache, tokens, positions, start = _prefilled(model)
+    cache, tokens, positions, start = _prefilled(model, rows=rows)
     module_cache = _clone(cache)
     with torch.inference_mode():
         want = model.decode_step(tokens, positions, module_cache, start, return_hidden=True)[:, 0]
