@@ -45,6 +45,10 @@ def _ln(x, norm):
     return F.layer_norm(x, norm.weight.shape, norm.weight, norm.bias, norm.eps)
 
 
+def _mlp(mlp, x):  # written out: the model's MLP calls cogview.ops.gelu_tanh
+    return mlp.dense_4h_to_h(F.gelu(mlp.dense_h_to_4h(x), approximate="tanh"))
+
+
 @torch.inference_mode()
 def plain_generate(model: CogViewTransformer, prompt: torch.Tensor, num_codes: int, top_k: int,
                    temperature: float = 1.0, generator=None) -> torch.Tensor:
@@ -70,7 +74,7 @@ def plain_generate(model: CogViewTransformer, prompt: torch.Tensor, num_codes: i
             a = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1)
             a = attn.dense(a.transpose(1, 2).reshape(batch, n, -1))
             h = h + _ln(a, layer.third_layernorm)
-            m = layer.mlp(_ln(h, layer.post_attention_layernorm))
+            m = _mlp(layer.mlp, _ln(h, layer.post_attention_layernorm))
             h = h + _ln(m, layer.fourth_layernorm)
         h = _ln(h[:, -1], model.final_layernorm)
         logits = model.logits(h)[:, : config.image_tokens].float()

@@ -39,6 +39,9 @@ TORCH_LIBRARY(cogview, m) {
         " Tensor position_embeddings, Tensor first_weight, Tensor first_bias, Tensor[] layer_params,"
         " Tensor(a!) k_cache, Tensor(b!) v_cache, int num_heads, float scale, float eps=1e-05,"
         " bool pb_relax=False, Tensor[]? packed_weights=None, int packed_rows=0) -> Tensor");
+  // GELU, tanh approximation (CogView's MLP activation; cogview/ops/activation.py).
+  m.def("gelu_tanh(Tensor x) -> Tensor");
+  m.def("gelu_tanh_backward(Tensor grad_out, Tensor x) -> Tensor");
   // Fused sampling (cogview/ops/sampling.py). seed/offset: one-element integer tensors (they may
   // live on the device). temperature/top_k/top_p: a one-element or per-row [rows] tensor, which
   // overrides the scalar *_value when given. vocab_hi = -1 means the vocabulary size. `invalid`

@@ -39,7 +39,7 @@ AGREE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bf
 _NAMED = re.compile(r"`[\w\[\]]+`|argument '\w+'")
 
 FUZZED = {"layer_norm", "add_layer_norm", "kv_cache_write", "decode_attention", "sample_tokens", "local_attention",
-          "sandwich_decode_step"}
+          "sandwich_decode_step", "gelu_tanh"}
 
 
 def test_every_public_op_is_fuzzed():
@@ -203,6 +203,54 @@ def test_layer_norm_fuzz(seed, fault, fused, dtype, param_f32, layout, specials,
                 _agree(kernel[1][1], ref[1][1], "normed")
         else:
             _agree(kernel[1], ref[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# gelu_tanh
+# ---------------------------------------------------------------------------------------------
+
+GELU_FAULTS = ["none", "none", "none", "empty", "huge_empty", "rank0", "x_int", "x_bool", "x_complex", "x_list",
+               "x_none", "x_meta"]
+GELU_VALID = {"none", "empty", "huge_empty", "rank0", "x_meta"}
+
+
+@given(seed=st.integers(0, 2**31 - 1), fault=st.sampled_from(GELU_FAULTS), dtype=st.sampled_from(FLOATS),
+       layout=LAYOUTS, specials=st.booleans(), shape=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+       backward=st.booleans())
+def test_gelu_tanh_fuzz(seed, fault, dtype, layout, specials, shape, backward):
+    def make():
+        x = _tensor(seed, shape, dtype, layout, specials, (0,))
+        if fault == "empty":
+            x = x[..., :0]
+        elif fault == "huge_empty":  # 0 x 2^31+7 elements: nothing to do, nothing to allocate
+            x = torch.zeros(0, 1, dtype=dtype).expand(0, BIG)
+        elif fault == "rank0":
+            x = x.reshape(-1)[0]
+        elif fault == "x_int":
+            x = torch.ones(shape, dtype=torch.int64)
+        elif fault == "x_bool":
+            x = torch.ones(shape, dtype=torch.bool)
+        elif fault == "x_complex":
+            x = torch.ones(shape, dtype=torch.complex64)
+        elif fault == "x_list":
+            x = x.tolist()
+        elif fault == "x_none":
+            x = None
+        elif fault == "x_meta":
+            x = torch.empty(shape, dtype=dtype, device="meta")
+        if backward and fault in ("none", "rank0") and dtype != torch.float16:
+            x = x.detach().requires_grad_()
+            out = ops.gelu_tanh(x)
+            (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
+            return out.detach(), grad
+        return ops.gelu_tanh(x), None
+
+    kernel, ref = _both(make)
+    assert (kernel[0] == "ok") == (fault in GELU_VALID), (fault, kernel)
+    if kernel[0] == "ok" and fault != "x_meta":
+        _agree(kernel[1][0], ref[1][0])
+        if kernel[1][1] is not None:
+            _agree(kernel[1][1], ref[1][1], "grad")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -816,6 +864,8 @@ DIRECT_CALLS = {
         _f(4, 8), _f(4, 8), _f(8), _f(8),
         [_f(24, 8), _f(24), _f(8, 8), _f(8)] + [_f(8)] * 4 + [_f(16, 8), _f(16), _f(8, 16)] + [_f(8)] * 5,
         _f(1, 1, 2, 4, 4), _f(1, 1, 2, 4, 4), 2, 0.5, 1e-5, False),
+    "gelu_tanh integer x": lambda: _L.gelu_tanh(torch.ones(3, dtype=torch.long)),
+    "gelu_tanh_backward grad shape": lambda: _L.gelu_tanh_backward(_f(4), _f(3)),
     "sample_tokens vocab_hi past vocab": lambda: _L.sample_tokens(
         _f(2, 8), torch.tensor(1), torch.tensor(0), None, None, None, 1.0, 0, 1.0, 0, 9, None),
     "sample_tokens vocab_lo int64 min": lambda: _L.sample_tokens(
@@ -877,6 +927,9 @@ SWEEPS = {
              top_k=0, top_p=1.0, sub_range=False, with_invalid=False, draw_seed=1, offset=0),
         dict(seed=8, dtype=torch.float16, layout="transposed", rows=4, vocab=37, specials=True, temperature=0.7,
              top_k=5, top_p=0.5, sub_range=True, with_invalid=True, draw_seed=-5, offset=2**63)]),
+    "gelu_tanh": (test_gelu_tanh_fuzz, GELU_FAULTS, [
+        dict(seed=13, dtype=torch.float32, layout="contiguous", specials=False, shape=[3, 5], backward=True),
+        dict(seed=14, dtype=torch.bfloat16, layout="strided", specials=True, shape=[2, 7, 3], backward=False)]),
     "sandwich_decode_step": (test_sandwich_decode_step_fuzz, SD_FAULTS, [
         dict(seed=11, dtype=torch.float32, layers=2, rows=2, heads=2, dim=4, mlp=12, max_len=6, specials=False,
              layout="contiguous"),

@@ -254,7 +254,7 @@ class MLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(config.mlp_size, config.hidden_size, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+        return self.dense_4h_to_h(ops.gelu_tanh(self.dense_h_to_4h(x)))
 
 
 class CogViewLayer(nn.Module):

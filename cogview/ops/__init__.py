@@ -12,6 +12,7 @@ from cogview.ops.decoding import (
     pack_projection_weights,
     sandwich_decode_step,
 )
+from cogview.ops.activation import gelu_tanh
 from cogview.ops.layer_norm import add_layer_norm, layer_norm
 from cogview.ops.local_attention import local_attention
 from cogview.ops.sampling import sample_tokens
@@ -19,6 +20,7 @@ from cogview.ops.sampling import sample_tokens
 __all__ = [
     "layer_norm",
     "add_layer_norm",
+    "gelu_tanh",
     "kv_cache_write",
     "decode_attention",
     "sandwich_decode_step",

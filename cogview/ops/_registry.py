@@ -16,6 +16,7 @@ from cogview._native import _C
 PUBLIC_OPS = (
     "layer_norm",
     "add_layer_norm",
+    "gelu_tanh",
     "local_attention",
     "kv_cache_write",
     "decode_attention",

@@ -23,4 +23,6 @@ void kv_cache_write_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, co
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                 const at::Tensor& lengths, double scale, int64_t text_len, double text_bias);
 
+at::Tensor gelu_tanh_cpu(const at::Tensor& x);
+
 }  // namespace cogview::cpu

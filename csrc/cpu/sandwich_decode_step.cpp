@@ -154,7 +154,7 @@ at::Tensor sandwich_decode_step_cpu(const at::Tensor& tokens, const at::Tensor& 
         add_layer_norm_cpu(residual, branch, p[kThirdWeight], p[kThirdBias], p[kPostAttentionWeight],
                            p[kPostAttentionBias], eps, pb_relax);
     const at::Tensor up = project(normed, p[kUpWeight], p[kUpBias], packed_of(2), packed_rows);
-    branch = project(at::gelu(up, "tanh"), p[kDownWeight], p[kDownBias], packed_of(3), packed_rows);
+    branch = project(gelu_tanh_cpu(up), p[kDownWeight], p[kDownBias], packed_of(3), packed_rows);
     std::tie(residual, normed, std::ignore) = add_layer_norm_cpu(
         residual, branch, p[kFourthWeight], p[kFourthBias], p[kNextWeight], p[kNextBias], eps, pb_relax);
   }

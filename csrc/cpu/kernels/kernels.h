@@ -119,6 +119,18 @@ struct SampleTokensArgs {
   bool* invalid = nullptr;    // [rows] or nullptr; set to true for rows with no finite allowed logit
 };
 
+// gelu_tanh over elements [begin, end) of contiguous arrays: out = gelu(x) (forward) or
+// out = grad * gelu'(x) (backward; `grad` unused in the forward). Accumulates in double when `f64`.
+struct GeluArgs {
+  const void* x = nullptr;
+  ElemType x_type = ElemType::f32;
+  const void* grad = nullptr;
+  ElemType grad_type = ElemType::f32;
+  void* out = nullptr;
+  ElemType out_type = ElemType::f32;
+  bool f64 = false;
+};
+
 // ---- Local (2D neighbourhood) attention with joint text keys -------------------------------
 // Geometry of one call. Queries lie on a grid_h x grid_w raster (`q_h` x `q_w`), keys on a
 // `k_h` x `k_w` raster with q_h % k_h == 0 and q_w % k_w == 0; the window of query (y, x) is the
@@ -246,6 +258,9 @@ struct LocalAttentionBackwardArgs {
                               int64_t begin, int64_t end);                                        \
   /* sample_tokens over rows [begin, end). */                                                     \
   void sample_tokens(const SampleTokensArgs& args, int64_t begin, int64_t end); \
+  /* gelu_tanh forward / backward over elements [begin, end). */                                  \
+  void gelu_forward(const GeluArgs& args, int64_t begin, int64_t end);                            \
+  void gelu_backward(const GeluArgs& args, int64_t begin, int64_t end);                           \
   /* Local attention: blocking for this ISA; packing of (batch, head, row) items [begin, end); */ \
   /* forward over tasks [begin, end) (see local_attention_forward_tasks); backward of one     */ \
   /* (batch, head, band): it accumulates into the grad_k/grad_v rows that band touches.       */ \
