@@ -162,6 +162,25 @@ def test_context_is_independent_of_the_high_res_part_and_reused():
         assert not torch.allclose(model(low.flip(0), high, text), logits)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_hidden_of_some_cells_equals_the_full_pass_at_those_cells(dtype):
+    """`only`: a refinement pass's last layer runs for the re-masked cells alone, with the same result."""
+    model = make_sr(dtype=dtype)
+    low, high, text = random_inputs(SR)
+    only = torch.zeros(SR.high_len, dtype=torch.bool)
+    only[torch.randperm(SR.high_len, generator=torch.Generator().manual_seed(1))[: SR.high_len // 3]] = True
+    with torch.no_grad():
+        context = model.encode_context(low, text)
+        full = model.high_res_hidden(context, high)
+        some = model.high_res_hidden(context, high, only=only)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(some, full[:, only], rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="`only`"):
+        model.high_res_hidden(context, high, only=only.long())
+    with pytest.raises(ValueError, match="`only`"):
+        model.high_res_hidden(context, high, only=only[1:])
+
+
 def test_gradients_reach_every_parameter_and_training_reduces_the_loss():
     from cogview.training.sr_trainer import SRBatch, SRLoss
 
@@ -249,9 +268,9 @@ def test_refinement_remasks_exactly_the_planned_cells():
     seen = []
     original = model.high_res_hidden
 
-    def recording(context, tokens):
+    def recording(context, tokens, only=None):
         seen.append(tokens.clone())
-        return original(context, tokens)
+        return original(context, tokens, only=only)
 
     model.high_res_hidden = recording
     history = []

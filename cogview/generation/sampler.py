@@ -157,8 +157,8 @@ class _ImageLoop:
         self.scale = None if guidance_scale is None else float(guidance_scale)
         # static step state
         self.tokens = torch.zeros((self.rows, 1), dtype=torch.long, device=device)
-        self.positions = self.lengths.clone()[:, None]
         self.start = self.lengths.clone()
+        self.positions = self.start[:, None]  # a view: a new code's position is its cache slot
         self.seeds = torch.tensor([int(s) for s in seeds], dtype=torch.long, device=device)
         self.offset = torch.full((1,), int(first_index), dtype=torch.long, device=device)
         self.index = torch.zeros((1,), dtype=torch.long, device=device)
@@ -185,7 +185,7 @@ class _ImageLoop:
             logits = uncond + self.scale * (cond - uncond)
         drawn = [ops.sample_tokens(row, seed=seed, offset=self.offset, invalid=flag, **self.settings)
                  for row, seed, flag in zip(logits.split(1), self.row_seeds, self.row_invalid)]
-        new = torch.cat(drawn)
+        new = drawn[0] if len(drawn) == 1 else torch.cat(drawn)
         self.codes.index_copy_(1, self.index, new[:, None])
         self.tokens.copy_((torch.cat([new, new]) if self.guided else new)[:, None])
         self.index.add_(1)
@@ -204,8 +204,7 @@ class _ImageLoop:
         else:
             hidden = self.transformer.decode_step(self.tokens, self.positions, self.cache, self.start,
                                                   return_hidden=True)[:, 0]
-        self.start.add_(1)
-        self.positions.add_(1)
+        self.start.add_(1)  # (positions is a view of start)
         self._draw(hidden)
 
     # ---- CUDA graph ----

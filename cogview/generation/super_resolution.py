@@ -96,7 +96,7 @@ def super_resolve_codes(model: SuperResolutionTransformer, low_codes: torch.Tens
         if not bool(mask.any()):
             continue
         tokens = codes.masked_fill(mask[None], model.mask_id)
-        hidden = model.high_res_hidden(context, tokens)[:, mask]  # only the re-masked cells need logits
+        hidden = model.high_res_hidden(context, tokens, only=mask)  # only the re-masked cells need outputs
         new = _draw(model.logits(hidden), seeds, k, temperature, top_k, top_p)
         codes = codes.clone()
         codes[:, mask] = new

@@ -329,8 +329,10 @@ class SuperResolutionLayer(CogViewLayer):
         residual, normed = self._finish(residual, attention.merge_heads(out), next_norm)
         return residual, normed, (k, v)
 
-    def high_res_forward(self, residual, normed, next_norm, kv, text_positions: int):
-        """High-res tokens: local window + text keys, and the cross-resolution window, merged via lse."""
+    def high_res_forward(self, residual, normed, next_norm, kv, text_positions: int, only=None):
+        """High-res tokens: local window + text keys, and the cross-resolution window, merged via lse.
+        only: a bool mask [high_len]: every cell still provides keys and values, but only these
+        cells' outputs are computed and returned (the last layer of a refinement pass)."""
         attention = self.high_res_attention
         q, k, v = attention.split_heads(normed)
         context_k, context_v = kv
@@ -347,6 +349,8 @@ class SuperResolutionLayer(CogViewLayer):
         w_self = torch.exp(lse_self - lse).unsqueeze(-1).to(out_self.dtype)
         w_cross = torch.exp(lse_cross - lse).unsqueeze(-1).to(out_cross.dtype)
         out = out_self * w_self + out_cross * w_cross
+        if only is not None:
+            out, residual = out[:, :, only], residual[:, only]
         return self._finish(residual, attention.merge_heads(out), next_norm)
 
 
@@ -469,8 +473,11 @@ class SuperResolutionTransformer(nn.Module):
         parents = low[:, (r // s) * c.low_res + col // s]
         return SRContext(kv, parents, c.text_positions)
 
-    def high_res_hidden(self, context: SRContext, high_tokens: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [B, high_len, H] of the high-res tokens given the context."""
+    def high_res_hidden(self, context: SRContext, high_tokens: torch.Tensor, only: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+        """Final hidden states [B, high_len, H] of the high-res tokens given the context; with `only`
+        (a bool mask [high_len]) those of the masked cells alone, [B, only.sum(), H] (the last layer
+        then runs its attention output, MLP and LayerNorms for those cells only)."""
         what = "high_res_hidden"
         c = self.config
         high = self._grid(high_tokens, c.high_res, "high_tokens", what, allow_mask=True)
@@ -483,10 +490,16 @@ class SuperResolutionTransformer(nn.Module):
         if c.parent_hint:
             residual = residual + self.word_embeddings(context.parents)
         normed = self.layers[0].input_layernorm(residual) if len(self.layers) else self.final_layernorm(residual)
+        if only is not None and (only.dtype != torch.bool or tuple(only.shape) != (c.high_len,)):
+            raise ValueError(f"SuperResolutionTransformer.{what}: `only` must be a bool mask [{c.high_len}], got "
+                             f"{only.dtype} {tuple(only.shape)}")
+        if not len(self.layers):
+            return normed if only is None else normed[:, only]
         for i, layer in enumerate(self.layers):
-            next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.final_layernorm
+            last = i + 1 == len(self.layers)
+            next_norm = self.final_layernorm if last else self.layers[i + 1].input_layernorm
             residual, normed = layer.high_res_forward(residual, normed, next_norm, context.kv[i],
-                                                      context.text_positions)
+                                                      context.text_positions, only=only if last else None)
         return normed
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,9 @@ constexpr int64_t kChunk = 512;
 // With at least this many (b, h) pairs per thread, pairs are the unit of work (one parallel
 // region; a second region costs a barrier, which on a busy machine can cost a time slice).
 constexpr int64_t kPairsPerThread = 4;
+// Below this many query-key-dim products a call runs on the calling thread: waking the other
+// threads costs more than the work (one row of a small model's decode step is ~70k).
+constexpr int64_t kInlineWork = int64_t{1} << 17;
 
 // `t` with unit stride along head_dim; a copy holds only the first `used` positions (dim 2), the
 // ones any query can see, so an expanded cache view is never materialised whole.
@@ -95,9 +98,12 @@ at::Tensor decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
   a.f64 = f64;
   const int64_t task_count = static_cast<int64_t>(tasks.size() / 3);
   const int64_t pair_count = batch * heads;
-  if (pair_count >= kPairsPerThread * at::get_num_threads()) {
-    // Enough (b, h) pairs to share out: one parallel region, each pair's chunks and merge in turn.
-    at::parallel_for(0, pair_count, 1, [&](int64_t begin, int64_t end) {
+  int64_t work = 0;
+  for (int64_t b = 0; b < batch; ++b) work += len[b] * heads * n * dim;
+  if (work < kInlineWork || pair_count >= kPairsPerThread * at::get_num_threads()) {
+    // Enough (b, h) pairs to share out: one parallel region, each pair's chunks and merge in turn
+    // (or all of them here, when the call is too small to share).
+    at::parallel_for(0, pair_count, work < kInlineWork ? pair_count : 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         const int64_t first = pair_first_task[p], last = pair_first_task[p + 1];
         COGVIEW_CPU_DISPATCH(decode_attention_chunks, a, tasks.data(), first, last);
