@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import uuid
 from collections.abc import Mapping
@@ -543,6 +544,17 @@ class CogView:
         return cls(transformer, vqvae, tokenizer, name=config.name if name is None else name)
 
     # ---- saving ----
+    @property
+    def default_temperature(self) -> float:
+        """The sampling temperature `generate`/`complete` use when given none: the model directory's
+        recommendation (`metadata["sampling"]["temperature"]`, written by whoever trained it), else
+        CogView's 1.0."""
+        value = (self.metadata.get("sampling") or {}).get("temperature", 1.0)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"CogView: the model's metadata recommends temperature {value!r}; it must be a finite "
+                             f"number >= 0 (config.json, metadata.sampling.temperature)")
+        return float(value)
+
     def save_pretrained(self, path: str | os.PathLike, *, dtype=None, metadata: Mapping[str, Any] | None = None) -> Path:
         """Write the model directory (atomically per file, config.json last). dtype: store the
         transformer in this dtype (default: as it is). metadata: replaces `self.metadata` in the file."""

@@ -159,6 +159,23 @@ def test_top_k_one_is_greedy(model):
     assert torch.equal(greedy, top1)
 
 
+def test_temperature_none_is_the_model_recommendation(model, tmp_path):
+    assert model.default_temperature == 1.0  # no recommendation: CogView's
+    model.metadata["sampling"] = {"temperature": 0.5}
+    try:
+        assert model.default_temperature == 0.5
+        by_default = model.generate("a red circle", num_images=2, seed=3, progress=False)
+        explicit = model.generate("a red circle", num_images=2, seed=3, temperature=0.5, progress=False)
+        assert all(torch.equal(a.codes, b.codes) for a, b in zip(by_default, explicit))
+        model.save_pretrained(tmp_path / "m")  # the recommendation travels with the directory
+        assert CogView.from_pretrained(tmp_path / "m").default_temperature == 0.5
+        model.metadata["sampling"] = {"temperature": "hot"}
+        with pytest.raises(ValueError, match="temperature"):
+            model.generate("a red circle", progress=False)
+    finally:
+        model.metadata.pop("sampling")
+
+
 def test_sampling_follows_the_model_distribution():
     """First code of many images vs the model's top-k softmax at the prompt's end (chi-square)."""
     model = make_model(2)

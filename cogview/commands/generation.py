@@ -91,6 +91,8 @@ def _generate(args) -> int:
         out / "grid.png")
     settings = {k: getattr(args, k) for k in ("top_k", "top_p", "temperature", "seed", "rerank", "guidance",
                                               "super_resolution")}
+    if settings["temperature"] is None:
+        settings["temperature"] = model.default_temperature
     (out / "results.json").write_text(json.dumps({"model": str(resolve_model_dir(args.model)), "settings": settings,
                                                   "images": records}, indent=2, ensure_ascii=False) + "\n",
                                       encoding="utf-8")
@@ -107,7 +109,9 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--out", "-o", required=True, help="output folder")
     p.add_argument("--top-k", type=int, default=200, help="top-k sampling (default 200, CogView's; 0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0 = off)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0; 0 = greedy)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (0 = greedy; default: the model's recommendation, 1.0 unless its "
+                        "directory says otherwise; the embedded model recommends 0.7)")
     p.add_argument("--rerank", type=int, default=None, metavar="N",
                    help="draw N candidates per prompt and keep the best -n by caption score (self-reranking)")
     p.add_argument("--guidance", type=float, default=None, metavar="SCALE",

@@ -222,7 +222,8 @@ def _check_invalid(invalid: torch.Tensor, what: str) -> None:
 
 
 @torch.inference_mode()
-def generate(model, prompts, num_images: int = 1, top_k: int = 200, top_p: float = 1.0, temperature: float = 1.0,
+def generate(model, prompts, num_images: int = 1, top_k: int = 200, top_p: float = 1.0,
+             temperature: float | None = None,
              seed: int = 0, batch_size: int | None = None, guidance_scale: float | None = None,
              rerank: int | None = None, progress: bool = True) -> list[GenerationResult]:
     """Text -> images. prompts: a str or a list of str (none empty; over-long ones are truncated to the
@@ -230,7 +231,8 @@ def generate(model, prompts, num_images: int = 1, top_k: int = 200, top_p: float
     prompt.
 
     Sampling (CogView's defaults): temperature 1.0, top_k 200 (0 = off), top_p 1.0 (off), over image ids
-    only. seed: images are reproducible per (seed, prompt, image index), whatever the batch size.
+    only; temperature None = the model's recommendation (`model.default_temperature`: 1.0 unless its
+    directory says otherwise; the embedded default model recommends 0.7). seed: images are reproducible per (seed, prompt, image index), whatever the batch size.
     batch_size: images decoded together (default: CPU 8, CUDA what fits). guidance_scale: classifier-free
     guidance (None/1.0 = off; see the module docstring for when it helps). rerank=N: draw N >= num_images
     candidates per prompt, score each by the caption score (`score`) and return the best `num_images`,
@@ -239,6 +241,7 @@ def generate(model, prompts, num_images: int = 1, top_k: int = 200, top_p: float
     what = "generate"
     prompts = _prompts(prompts, what)
     num_images = _int("num_images", num_images, 1, what)
+    temperature = model.default_temperature if temperature is None else temperature
     temperature, top_k, top_p = _sampling(what, temperature, top_k, top_p)
     seed = _seed(seed, what)
     candidates = num_images
@@ -277,10 +280,10 @@ def generate(model, prompts, num_images: int = 1, top_k: int = 200, top_p: float
 
 @torch.inference_mode()
 def complete(model, image, keep_rows: int, *, prompt: str = "", num_images: int = 1, top_k: int = 200,
-             top_p: float = 1.0, temperature: float = 1.0, seed: int = 0, batch_size: int | None = None,
+             top_p: float = 1.0, temperature: float | None = None, seed: int = 0, batch_size: int | None = None,
              guidance_scale: float | None = None, progress: bool = True) -> list[GenerationResult]:
     """Keep the top `keep_rows` rows of an image's codes and draw the rest (conditioned on `prompt`;
-    "" = no text). image: a PIL image / float tensor [3, H, W] of the model's size, or codes [side, side].
+    "" = no text; temperature None = the model's recommendation, as in `generate`). image: a PIL image / float tensor [3, H, W] of the model's size, or codes [side, side].
     Returns `num_images` completions; their first keep_rows x side codes are the image's."""
     what = "complete"
     codes = codes_from_images(model, image, what)
@@ -294,6 +297,7 @@ def complete(model, image, keep_rows: int, *, prompt: str = "", num_images: int 
     if not isinstance(prompt, str):
         raise TypeError(f"{what}: `prompt` must be a str, got {type(prompt).__name__}")
     num_images = _int("num_images", num_images, 1, what)
+    temperature = model.default_temperature if temperature is None else temperature
     temperature, top_k, top_p = _sampling(what, temperature, top_k, top_p)
     seed = _seed(seed, what)
     guidance = _guidance(model, guidance_scale, what)

@@ -74,9 +74,10 @@ def shapes_prompts(pairs, count: int = 50, *, seed: int = 0, size: str | None = 
 
 def shapes_quality(model, pairs="held-out", *, count: int = 50, seed: int = 0, size: str | None = "large",
                    rerank: int | None = None,
-                   top_k: int = 200, temperature: float = 1.0, batch_size: int | None = None,
+                   top_k: int = 200, temperature: float | None = None, batch_size: int | None = None,
                    progress: bool = True) -> dict:
-    """Share of generated images showing the prompt's colour and shape (see the module docstring)."""
+    """Share of generated images showing the prompt's colour and shape (see the module docstring).
+    temperature None: the model's recommended one (`model.default_temperature`), as `generate` uses."""
     if not isinstance(count, int) or count < 1:
         raise ValueError(f"shapes_quality: `count` must be an int >= 1, got {count!r}")
     resolved = _resolve_pairs(model, pairs)
@@ -90,6 +91,8 @@ def shapes_quality(model, pairs="held-out", *, count: int = 50, seed: int = 0, s
         per_pair[f"{color} {shape}"] += found
         tried[f"{color} {shape}"] += 1
     return {"pairs": pairs if isinstance(pairs, str) else [" ".join(p) for p in resolved], "prompts": count,
-            "size": size, "rerank": rerank, "seed": seed, "hits": hits, "rate": hits / count,
+            "size": size, "rerank": rerank, "seed": seed,
+            "temperature": model.default_temperature if temperature is None else temperature,
+            "hits": hits, "rate": hits / count,
             "per_pair": {k: f"{per_pair[k]}/{tried[k]}" for k in sorted(tried)},
             "images": [r.image for r in results]}

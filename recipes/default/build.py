@@ -30,6 +30,10 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT))
 
 ASSET = ROOT / "cogview" / "assets" / "default"
+# The sampling temperature the exported model recommends (`CogView.default_temperature`, used by `generate`
+# and `cogview generate` when none is given): this small model draws cleaner shapes below CogView's 1.0
+# (measured on the previous model: held-out pairs 72% at 0.7 vs 60% at 1.0, seen 84% vs 78%).
+SAMPLING = {"temperature": 0.7}
 GRID_PROMPTS = [
     "a red circle", "a blue triangle", "a green square", "a yellow circle",
     "a large white triangle in the center, on a black background", "a small orange square at the top",
@@ -122,6 +126,7 @@ def main(argv=None) -> int:
         from cogview.pipeline import CogView, attach_super_resolution, load_super_resolution, read_model_directory
 
         model = CogView.from_pretrained(model_dir)
+        model.metadata["sampling"] = dict(SAMPLING)
         staging = ASSET.with_name("default.tmp")
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging, dtype=torch.float16)
@@ -153,11 +158,11 @@ def measure(report_path: Path) -> dict:
 
     model = CogView.from_pretrained(ASSET, dtype="float32").eval()
     report = {}
-    for name, pairs, rerank, temperature in (("held_out", "held-out", None, 1.0), ("held_out_rerank8", "held-out", 8, 1.0),
-                                             ("seen", "seen", None, 1.0), ("seen_rerank8", "seen", 8, 1.0),
-                                             ("held_out_t0.7", "held-out", None, 0.7), ("seen_t0.7", "seen", None, 0.7)):
+    # temperature None: the model's recommended one (SAMPLING), what `generate` uses by default
+    for name, pairs, rerank, temperature in (("held_out", "held-out", None, None), ("held_out_rerank8", "held-out", 8, None),
+                                             ("seen", "seen", None, None), ("seen_rerank8", "seen", 8, None),
+                                             ("held_out_t1.0", "held-out", None, 1.0), ("seen_t1.0", "seen", None, 1.0)):
         result = shapes_quality(model, pairs, count=50, seed=0, rerank=rerank, temperature=temperature)
-        result["temperature"] = temperature
         result.pop("images")
         report[name] = result
         print(f"[default-model] {name}: {result['hits']}/{result['prompts']} = {result['rate']:.0%}", flush=True)
