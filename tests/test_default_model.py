@@ -2,8 +2,8 @@
 super-resolution stage.
 
 Quality: the README states the measured figures (recipes/default/quality.json, 50 prompts each, at the
-model's recommended temperature 0.7: held-out pairs 82% plain and 96% with rerank=8, seen pairs 80% / 98%;
-at CogView's temperature 1.0: 66% and 86%). Issue 12's target: >= 80% plain on held-out pairs and +5 points
+model's recommended temperature 0.7: held-out pairs 80% plain and 98% with rerank=8, seen pairs 86% / 100%;
+at CogView's temperature 1.0: 80% and 72%). Issue 12's target: >= 80% plain on held-out pairs and +5 points
 with rerank=8. test_quality_floor guards the measured levels against regressions, with a margin for
 sampling noise on other CPUs and instruction sets.
 """
