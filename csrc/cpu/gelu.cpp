@@ -7,6 +7,7 @@
 #include "cpu/cpu_ops.h"
 #include "cpu/isa.h"
 #include "cpu/tensor_utils.h"
+#include "ops/gelu_checks.h"
 
 namespace cogview::cpu {
 namespace {
@@ -14,13 +15,6 @@ namespace {
 // Elements per task: big enough that a thread's share outweighs waking it (a 4 x 1024 MLP
 // activation of a decode step runs inline).
 constexpr int64_t kGrainElems = 32768;
-
-void check_floating(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||
-                       t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kDouble,
-                   "cogview: ", op, " `", name, "` must be float32, float16, bfloat16 or float64, got ",
-                   t.scalar_type());
-}
 
 void run(GeluArgs& a, const at::Tensor& x, const at::Tensor& out, bool backward) {
   a.x = x.data_ptr();
@@ -38,10 +32,7 @@ void run(GeluArgs& a, const at::Tensor& x, const at::Tensor& out, bool backward)
 }
 
 at::Tensor gelu_tanh_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x_in) {
-  check_floating(x_in, "gelu_tanh_backward", "x");
-  check_floating(grad_out, "gelu_tanh_backward", "grad_out");
-  TORCH_CHECK_VALUE(grad_out.sizes() == x_in.sizes(), "cogview: gelu_tanh_backward `grad_out` must have the shape of "
-                    "`x` ", x_in.sizes(), ", got ", grad_out.sizes());
+  ops::check_gelu_tanh_backward(grad_out, x_in);
   const at::Tensor x = x_in.contiguous(), grad = grad_out.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return out;
@@ -55,7 +46,7 @@ at::Tensor gelu_tanh_backward_cpu(const at::Tensor& grad_out, const at::Tensor& 
 }  // namespace
 
 at::Tensor gelu_tanh_cpu(const at::Tensor& x_in) {
-  check_floating(x_in, "gelu_tanh", "x");
+  ops::check_gelu_tanh(x_in);
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return out;

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "cuda/common.cuh"
+#include "ops/gelu_checks.h"
 
 namespace cogview::cuda {
 namespace {
@@ -58,13 +59,6 @@ __global__ void gelu_backward_kernel(const typename G::bits* __restrict__ grad, 
   }
 }
 
-void check_floating(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||
-                       t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kDouble,
-                   "cogview: ", op, " `", name, "` must be float32, float16, bfloat16 or float64, got ",
-                   t.scalar_type());
-}
-
 unsigned blocks_for(int64_t n) {
   const int64_t wanted = (n + kThreads - 1) / kThreads;
   const int64_t cap = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
@@ -83,7 +77,7 @@ void with_type(at::ScalarType type, const Fn& fn) {
 }
 
 at::Tensor gelu_tanh_cuda(const at::Tensor& x_in) {
-  check_floating(x_in, "gelu_tanh", "x");
+  ops::check_gelu_tanh(x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
@@ -101,12 +95,7 @@ at::Tensor gelu_tanh_cuda(const at::Tensor& x_in) {
 }
 
 at::Tensor gelu_tanh_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in) {
-  check_floating(x_in, "gelu_tanh_backward", "x");
-  check_floating(grad_in, "gelu_tanh_backward", "grad_out");
-  TORCH_CHECK_VALUE(grad_in.sizes() == x_in.sizes(), "cogview: gelu_tanh_backward `grad_out` must have the shape of "
-                    "`x` ", x_in.sizes(), ", got ", grad_in.sizes());
-  TORCH_CHECK_VALUE(grad_in.device() == x_in.device(), "cogview: gelu_tanh_backward `grad_out` is on ",
-                    grad_in.device(), " but `x` is on ", x_in.device());
+  ops::check_gelu_tanh_backward(grad_in, x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
