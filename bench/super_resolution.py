@@ -20,10 +20,16 @@ Reported: medians of interleaved rounds (one warm-up call each; 3 rounds unless 
 sequential steps, and the tokens each method pushes
 through the trunk (the SR passes process MORE tokens; the win is parallelism, not fewer FLOPs).
 
+Both methods run in every --dtypes (default float32 and bfloat16): parallel passes are matrix products
+that a CPU with bf16 matrix units (AMX) runs several times faster, while the sliding window's one-token
+steps stream weights; the notes name each method's fastest dtype and compare those.
+
     python bench/super_resolution.py [--smoke] [--cases shapes-8to24,cogview2-20to60] [--batches 1]
+                                     [--dtypes float32,bfloat16]
 """
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -33,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import _harness  # noqa: E402
 
-from cogview.generation import sample_image_codes, super_resolve_codes  # noqa: E402
-from cogview.models import CogViewTransformer  # noqa: E402
+from cogview.generation import low_res_pixels, sample_image_codes, super_resolve_codes  # noqa: E402
+from cogview.models import VQVAE, CogViewTransformer, vqvae_presets  # noqa: E402
 from cogview.models.super_resolution import SuperResolutionTransformer, sr_presets  # noqa: E402
 
 TEXT_LEN = 16  # text pieces in both layouts
@@ -84,10 +90,19 @@ def sliding_window_sr(model: CogViewTransformer, low: torch.Tensor, text: list[i
 # ---------------------------------------------------------------------------------------------
 
 
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise SystemExit(f"--dtypes: unknown float dtype {name!r}")
+    return dtype
+
+
 def main() -> None:
     def extra(p):
         p.add_argument("--cases", default=None, help=f"comma-separated of {sorted(CASES)}")
         p.add_argument("--batches", default="1", help="images per call (comma-separated)")
+        p.add_argument("--dtypes", default="float32,bfloat16",
+                       help="weight dtypes, each method timed in each (comma-separated; default float32,bfloat16)")
 
     args = _harness.parse_args(__doc__, extra)
     if args.smoke:
@@ -95,7 +110,8 @@ def main() -> None:
     device = args.device
     cases = (args.cases or ("smoke" if args.smoke else "shapes-8to24,cogview2-20to60")).split(",")
     batches = [int(b) for b in args.batches.split(",")]
-    rows = []
+    dtypes = [_dtype(name) for name in args.dtypes.split(",")]
+    rows, best = [], []
     for name in cases:
         preset, overrides = CASES[name]
         config = sr_presets[preset]
@@ -105,12 +121,18 @@ def main() -> None:
             config = config.replace(transformer=config.transformer.replace(**overrides))
         config = config.replace(max_text_len=max(config.max_text_len, TEXT_LEN))
         torch.manual_seed(0)
-        sr = SuperResolutionTransformer(config).to(device).eval()
+        sr32 = SuperResolutionTransformer(config).to(device).eval()
         h, big = config.low_res, config.high_res
         # the baseline: a CogView transformer of the same trunk whose positions fit a window's sequence
         prompt_len = len(cogview1_prompt(config.transformer, [0] * TEXT_LEN, [0] * (h // 2) ** 2))
         trunk = config.transformer.replace(max_positions=prompt_len + (big // 2) ** 2)
-        ar = CogViewTransformer(trunk).to(device).eval()
+        ar32 = CogViewTransformer(trunk).to(device).eval()
+        models = {dtype: (copy.deepcopy(sr32).to(dtype), copy.deepcopy(ar32).to(dtype)) for dtype in dtypes}
+        # a stage with a pixel hint also reads the VQ-VAE's decode of the low-res codes: timed with it
+        vqvae = (VQVAE(vqvae_presets["small-x4"].replace(image_size=h * config.pixel_hint,
+                                                          downsample=config.pixel_hint,
+                                                          codebook_size=config.transformer.image_tokens)).to(device).eval()
+                 if config.pixel_hint else None)
         t = config.transformer
         g = torch.Generator().manual_seed(1)
         text = torch.randint(t.text_offset, t.text_offset + t.text_tokens, (TEXT_LEN,), generator=g).tolist()
@@ -123,30 +145,46 @@ def main() -> None:
             text_tokens[:, 1: 1 + TEXT_LEN] = torch.tensor(text)
             low_d, text_d = low.to(device), text_tokens.to(device)
             seeds = list(range(batch))
-            candidates = {
-                "sr": lambda: super_resolve_codes(sr, low_d, text_d, temperature=1.0, seeds=seeds),
-                "sliding": lambda: sliding_window_sr(ar, low, text, config.scale, seeds),
-            }
-            # warm-up call of each (and the shapes agree)
-            assert candidates["sr"]().shape == candidates["sliding"]().shape == (batch, big, big)
+
+            def run_sr(sr):
+                pixels = low_res_pixels(sr, vqvae, low_d) if vqvae is not None else None
+                return super_resolve_codes(sr, low_d, text_d, temperature=1.0, seeds=seeds, low_pixels=pixels)
+
+            candidates = {}
+            for dtype, (sr, ar) in models.items():
+                tag = str(dtype).removeprefix("torch.")
+                candidates[f"sr {tag}"] = lambda sr=sr: run_sr(sr)
+                candidates[f"sliding {tag}"] = lambda ar=ar: sliding_window_sr(ar, low, text, config.scale, seeds)
+            for fn in candidates.values():  # warm-up call of each (and the shapes agree)
+                assert fn().shape == (batch, big, big)
             times = _harness.compare(candidates, device, repeats, min_round_s=0, warmup=0)  # warmed up above
             passes = 1 + len(config.schedule)
-            rows.append({
-                "case": name, "grids": f"{h}x{h}->{big}x{big}", "trunk": f"{t.num_layers}x{t.hidden_size}",
-                "batch": batch, "sr_ms": times["sr"] * 1e3, "sliding_ms": times["sliding"] * 1e3,
-                "speedup": times["sliding"] / times["sr"], "sr_passes": passes, "sliding_steps": 9 * (big // 2) ** 2,
-                "sr_tokens": passes * big * big, "sliding_tokens": 9 * (big // 2) ** 2,
-            })
-            print(f"{name} batch {batch}: sr {times['sr'] * 1e3:.0f} ms, sliding {times['sliding'] * 1e3:.0f} ms, "
-                  f"speedup {times['sliding'] / times['sr']:.1f}x", flush=True)
+            for dtype in dtypes:
+                tag = str(dtype).removeprefix("torch.")
+                sr_s, sliding_s = times[f"sr {tag}"], times[f"sliding {tag}"]
+                rows.append({
+                    "case": name, "grids": f"{h}x{h}->{big}x{big}", "trunk": f"{t.num_layers}x{t.hidden_size}",
+                    "dtype": tag, "batch": batch, "sr_ms": sr_s * 1e3, "sliding_ms": sliding_s * 1e3,
+                    "speedup": sliding_s / sr_s, "sr_passes": passes, "sliding_steps": 9 * (big // 2) ** 2,
+                    "sr_tokens": passes * big * big, "sliding_tokens": 9 * (big // 2) ** 2,
+                })
+                print(f"{name} batch {batch} {tag}: sr {sr_s * 1e3:.0f} ms, sliding {sliding_s * 1e3:.0f} ms, "
+                      f"speedup {sliding_s / sr_s:.1f}x", flush=True)
+            fastest = {kind: min((times[k], k.split()[1]) for k in times if k.startswith(kind))
+                       for kind in ("sr", "sliding")}
+            best.append(f"{name} batch {batch}: fastest sr ({fastest['sr'][1]}) {fastest['sr'][0] * 1e3:.0f} ms vs "
+                        f"fastest sliding ({fastest['sliding'][1]}) {fastest['sliding'][0] * 1e3:.0f} ms = "
+                        f"{fastest['sliding'][0] / fastest['sr'][0]:.1f}x")
     _harness.report("super_resolution", args, rows,
-                    ["case", "grids", "trunk", "batch", "sr_ms", "sliding_ms", "speedup", "sr_passes",
+                    ["case", "grids", "trunk", "dtype", "batch", "sr_ms", "sliding_ms", "speedup", "sr_passes",
                      "sliding_steps", "sr_tokens", "sliding_tokens"],
                     notes=f"sr = direct SR + sr_passes - 1 LoPAR passes (one forward each; CogView2's 6 = 23, 19, "
-                          f"15, 10, 6, 2 cells per 6x6 tile); sliding = CogView1's nine autoregressive windows through "
-                          f"cogview.generation.sample_image_codes. Temperature 1, text {TEXT_LEN} pieces, random "
-                          f"weights, {torch.get_num_threads()} threads; tokens = high-res tokens pushed through the "
-                          f"trunk.")
+                          f"15, 10, 6, 2 cells per 6x6 tile; with a pixel hint, the VQ-VAE decode of the low-res "
+                          f"codes it reads is timed too); sliding = CogView1's nine autoregressive windows through "
+                          f"cogview.generation.sample_image_codes. Both methods in each dtype (weights and "
+                          f"activations), temperature 1, text {TEXT_LEN} pieces, random weights, "
+                          f"{torch.get_num_threads()} threads; tokens = high-res tokens pushed through the trunk.\n\n"
+                          f"Each method in its fastest dtype:\n" + "\n".join(f"- {line}" for line in best))
 
 
 if __name__ == "__main__":

@@ -279,6 +279,10 @@ def check_super_resolution_fits(sr: SuperResolutionConfig, vqvae_config: VQVAECo
     if sr.transformer.image_tokens != vqvae_config.codebook_size:
         raise CheckpointMismatchError(f"{what}: the SR stage reads {sr.transformer.image_tokens} image codes but the "
                                       f"VQ-VAE has {vqvae_config.codebook_size}")
+    if sr.pixel_hint and (sr.pixel_hint, sr.image_channels) != (vqvae_config.downsample, vqvae_config.in_channels):
+        raise CheckpointMismatchError(f"{what}: the SR stage's pixel hint reads {sr.image_channels}-channel "
+                                      f"{sr.pixel_hint}x{sr.pixel_hint} patches but the VQ-VAE decodes "
+                                      f"{vqvae_config.in_channels} channels at x{vqvae_config.downsample}")
     if config is None:
         return
     if sr.low_res != config.code_size:

@@ -45,6 +45,7 @@ BASE = CogViewConfig(TINY.transformer.replace(text_tokens=400), TINY.vqvae, "tin
 SR = sr_presets["test-4to12"].replace(
     transformer=sr_presets["test-4to12"].transformer.replace(text_tokens=400))  # the base's vocabulary
 IMAGE_TOKENS = SR.transformer.image_tokens
+SR_PIXELS = SR.replace(pixel_hint=4)  # reads the decoded low-res image: 4x4 patches (the tiny VQ-VAE's x4)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -84,22 +85,31 @@ def random_inputs(config: SuperResolutionConfig, batch: int = 2, seed: int = 0, 
     return low, high, text
 
 
+def random_pixels(config: SuperResolutionConfig, batch: int = 2, seed: int = 0, dtype=torch.float32):
+    """A decoded low-res image for a pixel-hint stage (None without one)."""
+    if not config.pixel_hint:
+        return None
+    side = config.low_res * config.pixel_hint
+    return torch.rand(batch, config.image_channels, side, side, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("config", [SR, SR.replace(max_text_len=0), SR.replace(parent_hint=False, scale=2, tile=(4, 4),
-                                                                                schedule=(9, 4))],
-                         ids=["text", "no-text", "scale2"])
+                                                                                schedule=(9, 4)), SR_PIXELS],
+                         ids=["text", "no-text", "scale2", "pixels"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_kernels_match_reference_ops(config, dtype):
     model = make_sr(config, dtype=dtype)
     low, high, text = random_inputs(config)
+    pixels = random_pixels(config)
     with torch.no_grad():
-        fast = model(low, high, text)
+        fast = model(low, high, text, pixels)
         with ops.force_reference():
-            slow = model(low, high, text)
+            slow = model(low, high, text, pixels)
     assert fast.shape == (2, config.high_len, IMAGE_TOKENS)
     tol = 1e-10 if dtype == torch.float64 else 2e-4
     torch.testing.assert_close(fast, slow, atol=tol * slow.abs().max().item(), rtol=0)
@@ -135,9 +145,7 @@ def test_high_res_attention_is_one_softmax_over_all_its_keys():
     layer = model.layers[0]
     with torch.no_grad():
         context = model.encode_context(low, text)
-        residual = model.word_embeddings(high) + model.position_embeddings(
-            torch.arange(config.text_positions + config.low_len, config.num_positions))[None]
-        residual = residual + model.word_embeddings(context.parents)
+        residual = model.word_embeddings(high) + context.cell_inputs
         normed = layer.input_layernorm(residual)
         handle = layer.high_res_attention.dense.register_forward_hook(hook)
         layer.high_res_forward(residual, normed, model.layers[1].input_layernorm, context.kv[0],
@@ -145,6 +153,47 @@ def test_high_res_attention_is_one_softmax_over_all_its_keys():
         handle.remove()
         expected = dense_high_res_attention(layer, normed, *context.kv[0], config)
     torch.testing.assert_close(captured["out"], expected, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("config", [SR, SR_PIXELS, SR_PIXELS.replace(parent_hint=False)],
+                         ids=["parent", "parent+pixels", "pixels"])
+def test_cell_inputs_are_position_parent_code_and_pixel_patch(config):
+    """A high-res cell's shared input: its position, its parent's code embedding, and the projection of
+    the p x p patch under it in the bicubically upsampled decoded image."""
+    model = make_sr(config, dtype=torch.float64)
+    low, _, text = random_inputs(config)
+    pixels = random_pixels(config, dtype=torch.float64)
+    with torch.no_grad():
+        cells = model.encode_context(low, text, pixels).cell_inputs
+        s, p, side = config.scale, config.pixel_hint, config.high_res
+        up = F.interpolate(pixels * 2 - 1, scale_factor=s, mode="bicubic", align_corners=False) if p else None
+        for b in range(2):
+            for r in range(side):
+                for c in range(side):
+                    i = r * side + c
+                    expected = model.position_embeddings.weight[config.text_positions + config.low_len + i].clone()
+                    if config.parent_hint:
+                        expected += model.word_embeddings.weight[low[b, r // s, c // s]]
+                    if p:
+                        expected += model.pixel_projection(up[b, :, r * p: (r + 1) * p, c * p: (c + 1) * p].reshape(-1))
+                    torch.testing.assert_close(cells[b, i], expected, rtol=1e-12, atol=1e-12)
+    if p:  # the pixels matter
+        assert not torch.allclose(model(low, None, text, pixels), model(low, None, text, pixels.flip(0)))
+
+
+def test_pixel_hint_inputs_raise_clear_errors():
+    model = make_sr(SR_PIXELS)
+    low, high, text = random_inputs(SR_PIXELS)
+    with pytest.raises(ValueError, match=r"pixel_hint 4.*low_pixels.*\[2, 3, 16, 16\]"):
+        model(low, high, text)
+    with pytest.raises(ValueError, match=r"`low_pixels` must be a float tensor \[2, 3, 16, 16\].*\(2, 3, 12, 12\)"):
+        model(low, high, text, torch.rand(2, 3, 12, 12))
+    with pytest.raises(ValueError, match="`low_pixels` must be a float"):
+        model(low, high, text, torch.zeros(2, 3, 16, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="reads no pixels"):
+        make_sr()(low, high, text, torch.rand(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="pixel_hint"):
+        SR.replace(pixel_hint=-1)
 
 
 def test_context_is_independent_of_the_high_res_part_and_reused():
@@ -181,14 +230,16 @@ def test_hidden_of_some_cells_equals_the_full_pass_at_those_cells(dtype):
         model.high_res_hidden(context, high, only=only[1:])
 
 
-def test_gradients_reach_every_parameter_and_training_reduces_the_loss():
+@pytest.mark.parametrize("config", [SR, SR_PIXELS], ids=["codes", "pixels"])
+def test_gradients_reach_every_parameter_and_training_reduces_the_loss(config):
     from cogview.training.sr_trainer import SRBatch, SRLoss
 
-    model = make_sr(seed=1).train()
-    low, high, text = random_inputs(SR, batch=3, mask_every=1)
+    model = make_sr(config, seed=1).train()
+    low, high, text = random_inputs(config, batch=3, mask_every=1)
     targets = torch.randint(0, IMAGE_TOKENS, high.shape)
     mask = torch.ones_like(high, dtype=torch.bool)
-    batch = SRBatch(low.view(3, -1), high, targets, mask, text, torch.ones(3, dtype=torch.bool))
+    batch = SRBatch(low.view(3, -1), high, targets, mask, text, torch.ones(3, dtype=torch.bool),
+                    random_pixels(config, batch=3))
     loss_module = SRLoss(model)
     loss, metrics = loss_module(batch)
     loss.backward()
@@ -382,6 +433,9 @@ def test_stage_must_fit_the_model(tmp_path):
     wrong_text = make_sr(SR.replace(transformer=SR.transformer.replace(text_tokens=300)))
     with pytest.raises(CheckpointMismatchError, match="text vocabulary"):
         attach_super_resolution(tmp_path / "m", wrong_text)
+    wrong_patch = make_sr(SR.replace(pixel_hint=8))
+    with pytest.raises(CheckpointMismatchError, match="3-channel 8x8 patches but the VQ-VAE decodes 3 channels at x4"):
+        attach_super_resolution(tmp_path / "m", wrong_patch)
     # a damaged stage is caught by its checksum
     attach_super_resolution(tmp_path / "m", make_sr())
     path = tmp_path / "m" / "super_resolution.safetensors"
@@ -435,11 +489,12 @@ def test_cli_train_upscale_evaluate_generate(tmp_path, capsys):
     base_model().save_pretrained(tmp_path / "base")
     out = tmp_path / "sr"
     assert cli_main(["train-sr", "--base", str(tmp_path / "base"), "--output", str(out), "--model", "test-4to12",
-                     "--steps", "2", "--batch-size", "4", "--warmup-steps", "1", "--data",
-                     '{"name": "shapes", "num_samples": 12}', "--eval-images", "2", "--grid-images", "2",
-                     "--no-progress", "--no-tensorboard"]) == 0
+                     "--model-overrides", '{"pixel_hint": 1}', "--steps", "2", "--batch-size", "4",
+                     "--warmup-steps", "1", "--data", '{"name": "shapes", "num_samples": 12}', "--eval-images", "2",
+                     "--grid-images", "2", "--no-progress", "--no-tensorboard"]) == 0
     directory = read_model_directory(out)
     assert directory.super_resolution.high_res == 12 and directory.config is not None
+    assert directory.super_resolution.pixel_hint == 4  # on: the VQ-VAE's own patch size
     assert directory.super_resolution_metadata["evaluation"]["num_images"] == 2
     assert (out / "training" / "samples" / "sr-00000002.png").is_file()
     # the tokens cover both resolutions of the same scenes

@@ -47,7 +47,14 @@ def _load_stage(args):
     from cogview.generation.super_resolution import SuperResolutionPipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return SuperResolutionPipeline.from_pretrained(resolve_model_dir(args.model), device=device).eval()
+    return SuperResolutionPipeline.from_pretrained(resolve_model_dir(args.model), device=device,
+                                                   dtype=args.dtype).eval()
+
+
+def _add_dtype_option(p) -> None:
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
+                   help="SR stage weights (default float32; bfloat16 is several times faster on CPUs with bf16 "
+                        "matrix units, e.g. AMX, and on GPUs)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,6 +136,7 @@ def add_upscale_parser(subparsers) -> None:
                                                        "(default: as for cogview generate)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="random seed (sampling only; default 0)")
+    _add_dtype_option(p)
     add_sampling_options(p)
     p.set_defaults(func=_upscale)
 
@@ -163,6 +171,7 @@ def add_evaluate_sr_parser(subparsers) -> None:
     p.add_argument("--schedule", default=None, metavar="N,N,...", help="refinement schedule (default: the stage's)")
     p.add_argument("--captions", action="store_true", help="condition on the scenes' captions")
     p.add_argument("--device", default=None, help="cpu, cuda, ...")
+    _add_dtype_option(p)
     p.add_argument("--json", default=None, help="also write the report here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_evaluate_sr)

@@ -37,6 +37,7 @@ __all__ = [
     "SuperResolutionPipeline",
     "UpscaleResult",
     "super_resolve_codes",
+    "low_res_pixels",
     "upscale",
     "upscale_codes",
     "upscale_results",
@@ -61,8 +62,9 @@ def _check_sampling(what: str, temperature, top_k, top_p) -> tuple[float, int, f
 
 def _draw(logits: torch.Tensor, seeds: Sequence[int], offset: int, temperature: float, top_k: int,
           top_p: float) -> torch.Tensor:
-    """logits [B, n, V] -> codes [B, n]; image b uses its own seed, offset = the pass index."""
-    return torch.stack([ops.sample_tokens(logits[b].float(), temperature=temperature, top_k=top_k, top_p=top_p,
+    """logits [B, n, V] -> codes [B, n]; image b uses its own seed, offset = the pass index. (The op reads
+    fp16/bf16 logits itself, exactly as their fp32 copies: no conversion pass over [n, V].)"""
+    return torch.stack([ops.sample_tokens(logits[b], temperature=temperature, top_k=top_k, top_p=top_p,
                                           seed=int(seeds[b]), offset=int(offset)) for b in range(logits.shape[0])])
 
 
@@ -70,17 +72,19 @@ def _draw(logits: torch.Tensor, seeds: Sequence[int], offset: int, temperature: 
 def super_resolve_codes(model: SuperResolutionTransformer, low_codes: torch.Tensor,
                         text_tokens: torch.Tensor | None = None, *, schedule: Sequence[int] | None = None,
                         temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seeds=0,
-                        history: list | None = None) -> torch.Tensor:
+                        history: list | None = None, low_pixels: torch.Tensor | None = None) -> torch.Tensor:
     """Low-res codes [B, h, w] -> high-res codes [B, H, W] (int64, on the model's device): direct SR, then
     one refinement pass per entry of `schedule` (default: the config's; () = direct SR only).
 
     seeds: an int (image b uses seed + b) or one int per image. history: if a list is given, it receives
     (pass index, mask [H*W] bool or None for the direct pass, codes [B, H*W] after the pass) per pass.
+    low_pixels: the VQ-VAE's decode of low_codes [B, C, h p, w p], for a stage with a pixel hint
+    (`low_res_pixels` makes it).
     """
     what = "super_resolve_codes"
     temperature, top_k, top_p = _check_sampling(what, temperature, top_k, top_p)
     config = model.config
-    context = model.encode_context(low_codes, text_tokens)
+    context = model.encode_context(low_codes, text_tokens, low_pixels)
     batch = context.batch_size
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = [seeds + b for b in range(batch)]
@@ -182,6 +186,17 @@ def _stage(model, what: str):
     return sr, model.vqvae, getattr(model, "tokenizer", None)
 
 
+def low_res_pixels(sr: SuperResolutionTransformer, vqvae, low_codes: torch.Tensor) -> torch.Tensor | None:
+    """What a stage with a pixel hint reads besides the codes: the VQ-VAE's decode of the low-res codes,
+    on the stage's device (None for a stage without one)."""
+    if not sr.config.pixel_hint:
+        return None
+    side = sr.config.low_res
+    with torch.inference_mode():
+        pixels = vqvae.decode(low_codes.reshape(-1, side, side).to(vqvae.quantizer.embed.device))
+    return pixels.to(sr.device)
+
+
 def _texts(prompts, n: int, what: str) -> list[str]:
     if prompts is None:
         return [""] * n
@@ -254,7 +269,7 @@ def upscale_codes(model, low_codes: torch.Tensor, prompts=None, *, schedule: Seq
     """Low-res codes [B, h, w] -> high-res codes [B, H, W] (CPU int64). prompts: None/"" (no text), one
     str for all or one per image. Image b uses seed `seed + b`."""
     what = "upscale_codes"
-    sr, _, tokenizer = _stage(model, what)
+    sr, vqvae, tokenizer = _stage(model, what)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"{what}: `seed` must be an int, got {seed!r}")
     low_codes = low_codes.to(sr.device)
@@ -264,9 +279,10 @@ def upscale_codes(model, low_codes: torch.Tensor, prompts=None, *, schedule: Seq
     out = []
     for i in range(0, n, size):
         text = _text_tokens(sr, tokenizer, texts[i: i + size], what)
-        out.append(super_resolve_codes(sr, low_codes[i: i + size], text, schedule=schedule, temperature=temperature,
-                                       top_k=top_k, top_p=top_p,
-                                       seeds=[seed + j for j in range(i, min(n, i + size))]).cpu())
+        low = low_codes[i: i + size]
+        out.append(super_resolve_codes(sr, low, text, schedule=schedule, temperature=temperature, top_k=top_k,
+                                       top_p=top_p, seeds=[seed + j for j in range(i, min(n, i + size))],
+                                       low_pixels=low_res_pixels(sr, vqvae, low)).cpu())
     return torch.cat(out)
 
 
@@ -322,7 +338,8 @@ def upscale_results(model, results, *, schedule: Sequence[int] | None = None,
         chunk = results[i: i + size]
         text = _text_tokens(sr, tokenizer, [r.prompt for r in chunk], what)
         high = super_resolve_codes(sr, low[i: i + size], text, schedule=schedule, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, seeds=[int(r.seed) for r in chunk])
+                                   top_k=top_k, top_p=top_p, seeds=[int(r.seed) for r in chunk],
+                                   low_pixels=low_res_pixels(sr, vqvae, low[i: i + size]))
         pixels = vqvae.decode(high.to(device)).cpu()
         out += [dataclasses.replace(r, codes=h.cpu(), image=tensor_to_pil(p)) for r, h, p in zip(chunk, high, pixels)]
     return out
@@ -383,7 +400,8 @@ def evaluate_super_resolution(model, data=None, *, num_images: int = 64, schedul
         low_codes = vqvae.encode(low.to(device)).to(sr.device)
         history: list = []  # the direct pass's codes come along (history[0])
         refined = super_resolve_codes(sr, low_codes, _text_tokens(sr, tokenizer if captions else None, texts, what),
-                                      schedule=schedule, temperature=0.0, seeds=seed + start, history=history)
+                                      schedule=schedule, temperature=0.0, seeds=seed + start, history=history,
+                                      low_pixels=low_res_pixels(sr, vqvae, low_codes))
         direct = history[0][2].view_as(refined)
         images = {"psnr_sr": vqvae.decode(refined.to(device)).cpu(),
                   "psnr_direct": vqvae.decode(direct.to(device)).cpu(),

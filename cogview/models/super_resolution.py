@@ -22,7 +22,10 @@ Attention (per layer):
   sandwich LayerNorm and the fused `cogview.ops.add_layer_norm` steps, as in cogview.models.transformer.
 
 Input of a high-res token: the embedding of its code (or of [MASK]) + its position + (with
-`parent_hint`) the embedding of its parent low-res code. Output: logits over the image codes only (the
+`parent_hint`) the embedding of its parent low-res code + (with `pixel_hint` = the VQ-VAE's down-sampling
+factor p) a linear projection of the p x p patch under the cell in the decoded low-res image, upsampled
+bicubically to the high-res size. The decoded image is a function of the low-res codes, so the stage still
+maps codes to codes; the hint hands it, spatially aligned, what it would otherwise have to learn to decode. Output: logits over the image codes only (the
 first `image_tokens` rows of the tied head).
 
 LoPAR schedule (`refinement_masks`): the high-res grid is cut into `tile`-sized tiles; the cells of a
@@ -34,7 +37,7 @@ every pass commits more cells. CogView2's default: 6x6 tiles, 23, 19, 15, 10, 6,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -83,6 +86,9 @@ class SuperResolutionConfig:
     tile: tuple[int, int] = (6, 6)  # LoPAR tile (must divide the high-res grid)
     schedule: tuple[int, ...] = COGVIEW2_SCHEDULE  # cells re-masked per tile in each refinement pass
     parent_hint: bool = True  # add the parent low-res code's embedding to every high-res input
+    pixel_hint: int = 0  # > 0: add a projection of the decoded low-res image's patch under each high-res
+    #                      cell (the patch side = the VQ-VAE's down-sampling factor); 0: codes only
+    image_channels: int = 3  # channels of the decoded image read by the pixel hint
 
     def __post_init__(self) -> None:
         owner = "SuperResolutionConfig"
@@ -122,6 +128,8 @@ class SuperResolutionConfig:
             raise ValueError(f"{owner}: max_text_len {self.max_text_len} needs text tokens in the vocabulary")
         if not isinstance(self.parent_hint, bool):
             raise ValueError(f"{owner}: `parent_hint` must be a bool, got {self.parent_hint!r}")
+        _positive_int(owner, "pixel_hint", self.pixel_hint, minimum=0)
+        _positive_int(owner, "image_channels", self.image_channels)
         if t.max_positions != self.num_positions:
             object.__setattr__(self, "transformer", t.replace(max_positions=self.num_positions))
 
@@ -150,6 +158,11 @@ class SuperResolutionConfig:
     @property
     def passes(self) -> int:
         return len(self.schedule)
+
+    @property
+    def pixel_features(self) -> int:
+        """Inputs of the pixel-hint projection: one patch of the decoded image (0 without the hint)."""
+        return self.image_channels * self.pixel_hint * self.pixel_hint
 
     def image_sizes(self, downsample: int) -> tuple[int, int]:
         """(low-res, high-res) image sides in pixels for a VQ-VAE with this down-sampling factor."""
@@ -187,7 +200,8 @@ def _trunk(num_layers, hidden_size, num_heads, image_tokens, text_tokens, **kw) 
 sr_presets: dict[str, SuperResolutionConfig] = {
     # The embedded default model's SR stage: 8x8 -> 24x24 codes (32 -> 96 px with a x4 VQ-VAE); 1.3M
     # parameters with a 512-code VQ-VAE and 400 text ids (recipes/shapes-sr.yaml).
-    "shapes-8to24": SuperResolutionConfig(_trunk(4, 128, 4, 512, 400), low_res=8, scale=3, max_text_len=32),
+    "shapes-8to24": SuperResolutionConfig(_trunk(4, 128, 4, 512, 400), low_res=8, scale=3, max_text_len=32,
+                                          pixel_hint=4),
     # CogView2's geometry (20x20 -> 60x60 codes), small trunk (for benchmarks).
     "cogview2-20to60": SuperResolutionConfig(_trunk(6, 256, 8, 8192, 50000), low_res=20, scale=3, max_text_len=64),
     # Unit tests: 4x4 -> 12x12 codes.
@@ -279,17 +293,17 @@ def build_text_tokens(tokenizer, texts, config: SuperResolutionConfig, *, warn: 
 @dataclass
 class SRContext:
     """What the high-res part needs from the text + low-res part: per layer the keys and values of
-    those tokens ([B, heads, text_positions + low_len, head_dim] each) and the parent code of every
-    high-res cell ([B, high_len])."""
+    those tokens ([B, heads, text_positions + low_len, head_dim] each) and, per high-res cell, the
+    part of its input that every pass shares (`cell_inputs` [B, high_len, hidden]: position + parent
+    hint + pixel hint)."""
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
-    parents: torch.Tensor
+    cell_inputs: torch.Tensor
     text_positions: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
-        return self.parents.shape[0]
+        return self.cell_inputs.shape[0]
 
 
 class SuperResolutionLayer(CogViewLayer):
@@ -359,7 +373,7 @@ class SuperResolutionTransformer(nn.Module):
 
         model = SuperResolutionTransformer(config)
         logits = model(low_codes, high_tokens, text_tokens)        # [B, high_len, image_tokens]
-        context = model.encode_context(low_codes, text_tokens)      # once per image
+        context = model.encode_context(low_codes, text_tokens)      # once per image (+ low_pixels with pixel_hint)
         logits = model.high_res_logits(context, high_tokens)       # per refinement pass
 
     low_codes [B, h, w] (or [B, h*w]) int64; high_tokens [B, H*W] (or [B, H, W]): codes, with
@@ -379,6 +393,8 @@ class SuperResolutionTransformer(nn.Module):
         self.position_embeddings = nn.Embedding(config.num_positions, t.hidden_size, **kw)
         self.layers = nn.ModuleList(SuperResolutionLayer(config, i, **kw) for i in range(t.num_layers))
         self.final_layernorm = LayerNorm(t.hidden_size, t.layernorm_eps, t.pb_relax, **kw)
+        self.pixel_projection = (nn.Linear(config.pixel_features, t.hidden_size, **kw) if config.pixel_hint
+                                 else None)
         self.mask_id = t.command_id("[MASK]")
         if init and self.word_embeddings.weight.device.type != "meta":
             self.reset_parameters()
@@ -450,13 +466,44 @@ class SuperResolutionTransformer(nn.Module):
         return text_tokens.to(self.device).long()
 
     # ---- the two parts ----
-    def encode_context(self, low_codes: torch.Tensor, text_tokens: torch.Tensor | None = None) -> SRContext:
-        """Run the text + low-res tokens through every layer; returns their per-layer keys/values."""
+    def _pixel_hint(self, low_pixels, batch: int, what: str) -> torch.Tensor | None:
+        """The decoded low-res image [B, C, h p, w p] in [0, 1] -> per high-res cell [B, high_len, hidden]."""
+        c = self.config
+        if not c.pixel_hint:
+            if low_pixels is not None:
+                raise ValueError(f"SuperResolutionTransformer.{what}: this SR stage reads no pixels (pixel_hint 0); "
+                                 f"pass low_pixels=None")
+            return None
+        side = c.low_res * c.pixel_hint
+        shape = (batch, c.image_channels, side, side)
+        if low_pixels is None:
+            raise ValueError(f"SuperResolutionTransformer.{what}: this SR stage reads the decoded low-res image "
+                             f"(pixel_hint {c.pixel_hint}): pass `low_pixels` {list(shape)} in [0, 1], the VQ-VAE's "
+                             f"decode of low_codes")
+        if not isinstance(low_pixels, torch.Tensor) or not low_pixels.is_floating_point() or \
+                tuple(low_pixels.shape) != shape:
+            raise ValueError(f"SuperResolutionTransformer.{what}: `low_pixels` must be a float tensor {list(shape)}, got "
+                             f"{tuple(low_pixels.shape) if isinstance(low_pixels, torch.Tensor) else type(low_pixels).__name__}")
+        if low_pixels.device != self.device:
+            raise ValueError(f"SuperResolutionTransformer.{what}: `low_pixels` is on {low_pixels.device} but the model "
+                             f"is on {self.device}")
+        # the same upsampling as a bicubic baseline, then one p x p patch per high-res cell (row-major)
+        weight_dtype = self.pixel_projection.weight.dtype
+        work = torch.promote_types(weight_dtype, torch.float32)  # fp16/bf16 weights: upsample in fp32
+        up = F.interpolate(low_pixels.to(work) * 2 - 1, scale_factor=c.scale, mode="bicubic", align_corners=False)
+        patches = F.unfold(up, kernel_size=c.pixel_hint, stride=c.pixel_hint).transpose(1, 2)
+        return self.pixel_projection(patches.to(weight_dtype))
+
+    def encode_context(self, low_codes: torch.Tensor, text_tokens: torch.Tensor | None = None,
+                       low_pixels: torch.Tensor | None = None) -> SRContext:
+        """Run the text + low-res tokens through every layer; returns their per-layer keys/values and the
+        high-res cells' shared inputs. low_pixels: the decoded low-res image (only with pixel_hint)."""
         what = "encode_context"
         c = self.config
         low = self._grid(low_codes, c.low_res, "low_codes", what)
         batch = low.shape[0]
         text = self._text(text_tokens, batch, what)
+        pixel_hint = self._pixel_hint(low_pixels, batch, what)
         tokens = low if text is None else torch.cat([text, low], dim=1)
         positions = torch.arange(tokens.shape[1], device=self.device)
         residual = self.word_embeddings(tokens) + self.position_embeddings(positions)[None]
@@ -466,12 +513,16 @@ class SuperResolutionTransformer(nn.Module):
             next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.final_layernorm
             residual, normed, layer_kv = layer.context_forward(residual, normed, next_norm)
             kv.append(layer_kv)
-        # parent (low-res) code of every high-res cell
-        side, s = c.high_res, c.scale
-        r = torch.arange(side * side, device=self.device) // side
-        col = torch.arange(side * side, device=self.device) % side
-        parents = low[:, (r // s) * c.low_res + col // s]
-        return SRContext(kv, parents, c.text_positions)
+        start = c.text_positions + c.low_len
+        cells = self.position_embeddings(torch.arange(start, start + c.high_len, device=self.device))[None]
+        if c.parent_hint:  # the parent (low-res) code of every high-res cell
+            side, s = c.high_res, c.scale
+            r = torch.arange(side * side, device=self.device) // side
+            col = torch.arange(side * side, device=self.device) % side
+            cells = cells + self.word_embeddings(low[:, (r // s) * c.low_res + col // s])
+        if pixel_hint is not None:
+            cells = cells + pixel_hint
+        return SRContext(kv, cells.expand(batch, -1, -1), c.text_positions)
 
     def high_res_hidden(self, context: SRContext, high_tokens: torch.Tensor, only: torch.Tensor | None = None
                         ) -> torch.Tensor:
@@ -484,11 +535,7 @@ class SuperResolutionTransformer(nn.Module):
         if high.shape[0] != context.batch_size:
             raise ValueError(f"SuperResolutionTransformer.{what}: {high.shape[0]} high-res rows for a context of "
                              f"{context.batch_size}")
-        start = c.text_positions + c.low_len
-        positions = torch.arange(start, start + c.high_len, device=self.device)
-        residual = self.word_embeddings(high) + self.position_embeddings(positions)[None]
-        if c.parent_hint:
-            residual = residual + self.word_embeddings(context.parents)
+        residual = self.word_embeddings(high) + context.cell_inputs
         normed = self.layers[0].input_layernorm(residual) if len(self.layers) else self.final_layernorm(residual)
         if only is not None and (only.dtype != torch.bool or tuple(only.shape) != (c.high_len,)):
             raise ValueError(f"SuperResolutionTransformer.{what}: `only` must be a bool mask [{c.high_len}], got "
@@ -510,9 +557,9 @@ class SuperResolutionTransformer(nn.Module):
         return self.logits(self.high_res_hidden(context, high_tokens))
 
     def forward(self, low_codes: torch.Tensor, high_tokens: torch.Tensor | None = None,
-                text_tokens: torch.Tensor | None = None) -> torch.Tensor:
+                text_tokens: torch.Tensor | None = None, low_pixels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, high_len, image_tokens]. high_tokens None: all [MASK] (direct super-resolution)."""
-        context = self.encode_context(low_codes, text_tokens)
+        context = self.encode_context(low_codes, text_tokens, low_pixels)
         if high_tokens is None:
             high_tokens = self.masked_input(context.batch_size)
         return self.high_res_logits(context, high_tokens)

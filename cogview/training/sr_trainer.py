@@ -58,7 +58,8 @@ class SRTrainConfig(TrainConfig):
     model: str = setting("shapes-8to24", "SR stage preset (cogview.models.super_resolution.sr_presets); the "
                                          "vocabulary and low-res grid follow --base")
     model_overrides: dict = setting({}, "JSON object of SR config fields (low_res, scale, max_text_len, window, "
-                                        "cross_window, tile, schedule, parent_hint) or trunk fields (num_layers, "
+                                        "cross_window, tile, schedule, parent_hint, pixel_hint: 0 or 1 = on) or "
+                                        "trunk fields (num_layers, "
                                         "hidden_size, num_heads, mlp_size, ...) changed from the preset")
     base: Any = setting(None, "model directory the SR stage serves: a full model (VQ-VAE, tokenizer; the output "
                               "is it plus the SR stage) or a VQ-VAE-only directory (no text)")
@@ -187,6 +188,7 @@ class SRBatch:
     mask: torch.Tensor  # [B, high_len] bool: the cells to predict
     text: torch.Tensor | None  # [B, text_positions]
     direct: torch.Tensor  # [B] bool: direct-SR sequences
+    low_pixels: torch.Tensor | None = None  # [B, C, h p, w p]: the decoded low-res image (pixel-hint stages)
 
     def to(self, device) -> "SRBatch":
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=True)
@@ -202,7 +204,7 @@ class SRLoss(nn.Module):
 
     def forward(self, batch: SRBatch):
         model = self.model
-        context = model.encode_context(batch.low, batch.text)
+        context = model.encode_context(batch.low, batch.text, batch.low_pixels)
         hidden = model.high_res_hidden(context, batch.inputs)
         logits = model.logits(hidden[batch.mask]).float()
         targets = batch.targets[batch.mask]
@@ -260,9 +262,10 @@ def build_sr_batch(codes: torch.Tensor, captions, epochs, indices, config: Super
 
 
 def sr_config_for(preset: str, overrides: dict, *, image_tokens: int, base_transformer=None, low_res=None,
-                  scale: int = 0) -> SuperResolutionConfig:
-    """The SR config of a preset, fitted to a VQ-VAE (image_tokens), a base model's vocabulary and code
-    grid (or no text without one), with overrides of SR or trunk fields."""
+                  scale: int = 0, vqvae_config=None) -> SuperResolutionConfig:
+    """The SR config of a preset, fitted to a VQ-VAE (image_tokens; with `vqvae_config`, a pixel hint
+    reads patches of its down-sampling factor and channels), a base model's vocabulary and code grid (or no
+    text without one), with overrides of SR or trunk fields."""
     if preset not in sr_presets:
         raise ValueError(f"--model: unknown SR preset {preset!r}; known: {sorted(sr_presets)}")
     config = sr_presets[preset]
@@ -285,6 +288,8 @@ def sr_config_for(preset: str, overrides: dict, *, image_tokens: int, base_trans
     if base_transformer is None:
         trunk.setdefault("text_tokens", 0)
         sr["max_text_len"] = 0
+    if vqvae_config is not None and sr.get("pixel_hint", config.pixel_hint):  # on: the VQ-VAE's patch
+        sr.update(pixel_hint=vqvae_config.downsample, image_channels=vqvae_config.in_channels)
     return config.replace(transformer=config.transformer.replace(**trunk), **sr)
 
 
@@ -314,7 +319,7 @@ class SRTrainer(Trainer):
         if not (0 <= c.direct_ratio <= 1 and 0 <= c.corrupt < 1 and 0 <= c.caption_dropout <= 1):
             raise ValueError("--direct-ratio and --caption-dropout must lie in [0, 1], --corrupt in [0, 1)")
         self.base = base
-        self.vqvae = load_vqvae(base).eval()
+        self.vqvae = load_vqvae(base).eval().to(self.device)
         for p in self.vqvae.parameters():
             p.requires_grad_(False)
         self.tokenizer = load_tokenizer(base) if base.config is not None else None
@@ -327,7 +332,7 @@ class SRTrainer(Trainer):
             low_res = base.config.code_size if base.config is not None else None
             config = sr_config_for(c.model, c.model_overrides, image_tokens=self.vqvae.config.codebook_size,
                                    base_transformer=base.config.transformer if base.config is not None else None,
-                                   low_res=low_res, scale=c.scale)
+                                   low_res=low_res, scale=c.scale, vqvae_config=self.vqvae.config)
             model = SuperResolutionTransformer(config)
         from cogview.pipeline import check_super_resolution_fits
 
@@ -374,9 +379,14 @@ class SRTrainer(Trainer):
     # ---- batches ----
     def prepare(self, batch: dict) -> SRBatch:
         c = self.config
-        return build_sr_batch(batch["codes"], batch["captions"], batch["epoch"], batch["index"], self.sr.config,
-                              self.tokenizer, seed=c.seed, direct_ratio=c.direct_ratio, corrupt=c.corrupt,
-                              caption_dropout=c.caption_dropout).to(self.device)
+        prepared = build_sr_batch(batch["codes"], batch["captions"], batch["epoch"], batch["index"], self.sr.config,
+                                  self.tokenizer, seed=c.seed, direct_ratio=c.direct_ratio, corrupt=c.corrupt,
+                                  caption_dropout=c.caption_dropout).to(self.device)
+        if self.sr.config.pixel_hint:  # the frozen VQ-VAE's decode of the low-res codes
+            side = self.sr.config.low_res
+            with torch.no_grad():
+                prepared.low_pixels = self.vqvae.decode(prepared.low.view(-1, side, side))
+        return prepared
 
     def batch_weight(self, prepared: SRBatch) -> float:
         return float(prepared.mask.sum())
