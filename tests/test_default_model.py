@@ -99,3 +99,13 @@ def test_it_has_a_super_resolution_stage_and_upscale_uses_it(model, tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "big.png").size == (96, 96)
+
+
+def test_its_super_resolution_beats_bicubic_on_held_out_scenes(model):
+    """Issue 13's quality target, guarded at the level measured (recipes/default/quality.json: 29.28 dB vs
+    bicubic 29.12 over these 64 scenes; +0.68 dB over 256)."""
+    from cogview.generation.super_resolution import evaluate_super_resolution
+
+    report = evaluate_super_resolution(model, num_images=64)
+    assert report["psnr_sr"] > report["psnr_bicubic"] + 0.1, report
+    assert model.super_resolution.config.pixel_hint == model.vqvae.config.downsample
