@@ -519,7 +519,7 @@ def test_cli_train_upscale_evaluate_generate(tmp_path, capsys):
     assert "--resize" in capsys.readouterr().err
     assert cli_main(["upscale", str(tmp_path / "other.png"), str(tmp_path / "small.png"), "--resize", "--out",
                      str(tmp_path / "ups"), "--model", str(out), "--temperature", "1", "--top-k", "4",
-                     "--prompt", "a red circle", "--schedule", "4,2"]) == 0
+                     "--prompt", "a red circle", "--schedule", "4,2", "--dtype", "bf16"]) == 0
     assert sorted(p.name for p in (tmp_path / "ups").iterdir()) == ["other-sr.png", "small-sr.png"]
     assert cli_main(["evaluate-sr", "--model", str(out), "--num-images", "2", "--no-progress", "--json",
                      str(tmp_path / "eval.json")]) == 0

@@ -17,6 +17,7 @@ from pathlib import Path
 __all__ = ["COMMANDS", "DefaultModelMissing", "resolve_model_dir"]
 
 MODEL_ENV = "COGVIEW_MODEL"
+DTYPE_CHOICES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")  # --dtype of the model commands
 
 
 class DefaultModelMissing(ValueError):
@@ -52,7 +53,7 @@ def _add_model_options(p) -> None:
     p.add_argument("--model", "-m", default=None,
                    help=f"model directory (default: ${MODEL_ENV}, else the bundled default model)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
                    help="transformer weights (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: what fits)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

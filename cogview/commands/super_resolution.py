@@ -52,7 +52,9 @@ def _load_stage(args):
 
 
 def _add_dtype_option(p) -> None:
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
+    from cogview.commands.generation import DTYPE_CHOICES
+
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
                    help="SR stage weights (default float32; bfloat16 is several times faster on CPUs with bf16 "
                         "matrix units, e.g. AMX, and on GPUs)")
 
