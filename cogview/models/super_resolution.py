@@ -14,7 +14,8 @@ Attention (per layer):
   plus every text key (`cogview.ops.local_attention` with text keys), and to a `cross_window` of
   low-res keys centred on its parent (r // s, c // s) (a second `local_attention` call over the low-res
   grid); the two are merged exactly through their log-sum-exps:
-      lse = logaddexp(lse1, lse2),  out = exp(lse1 - lse) out1 + exp(lse2 - lse) out2.
+      lse = logaddexp(lse1, lse2),  out = exp(lse1 - lse) out1 + exp(lse2 - lse) out2
+  (computed as lerp(out2, out1, sigmoid(lse1 - lse2)): the same weights, fewer passes).
 - As in CogView2's direct super-resolution model, high-res tokens have their OWN attention weights in
   every layer (`layers.N.high_res_attention.{query_key_value, dense}`); LayerNorms, MLPs, embeddings
   and the tied output head are shared. (The last layer's text + low-res tokens only serve keys and
@@ -359,10 +360,10 @@ class SuperResolutionLayer(CogViewLayer):
                                                    context_v[:, :, text_positions:], grid_q=self._high,
                                                    grid_kv=self._low, window=self.sr.cross_window,
                                                    scale=attention.scale)
-        lse = torch.logaddexp(lse_self, lse_cross)
-        w_self = torch.exp(lse_self - lse).unsqueeze(-1).to(out_self.dtype)
-        w_cross = torch.exp(lse_cross - lse).unsqueeze(-1).to(out_cross.dtype)
-        out = out_self * w_self + out_cross * w_cross
+        # one softmax over both key sets: the self part's share is exp(lse_self) / (exp(lse_self) +
+        # exp(lse_cross)) = sigmoid(lse_self - lse_cross); lerp blends in one pass
+        w_self = torch.sigmoid(lse_self - lse_cross).unsqueeze(-1).to(out_self.dtype)
+        out = torch.lerp(out_cross, out_self, w_self)
         if only is not None:
             out, residual = out[:, :, only], residual[:, only]
         return self._finish(residual, attention.merge_heads(out), next_norm)
