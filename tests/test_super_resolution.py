@@ -316,11 +316,12 @@ def test_tile_order_and_masks_follow_the_schedule():
 def test_refinement_remasks_exactly_the_planned_cells():
     model = make_sr()
     low, _, text = random_inputs(SR)
-    seen = []
+    seen, drawn = [], []
     original = model.high_res_hidden
 
     def recording(context, tokens, only=None):
         seen.append(tokens.clone())
+        drawn.append(only.clone())
         return original(context, tokens, only=only)
 
     model.high_res_hidden = recording
@@ -329,6 +330,13 @@ def test_refinement_remasks_exactly_the_planned_cells():
     masks = refinement_masks(SR)
     assert len(seen) == 1 + len(SR.schedule)
     assert (seen[0] == model.mask_id).all()  # direct SR: every cell masked
+    # each pass draws only what it commits: its cells minus those the next pass re-masks
+    predicted = [torch.ones(SR.high_len, dtype=torch.bool)] + list(masks)
+    for k in range(len(predicted)):
+        later = masks[k] if k < len(masks) else torch.zeros(SR.high_len, dtype=torch.bool)
+        assert torch.equal(drawn[k], predicted[k] & ~later)
+        after = history[k][2]
+        assert (after[:, later] == model.mask_id).all() and (after[:, ~later] != model.mask_id).all()
     previous = history[0][2]
     for k, mask in enumerate(masks, start=1):
         is_mask = seen[k] == model.mask_id
@@ -340,6 +348,20 @@ def test_refinement_remasks_exactly_the_planned_cells():
         previous = after
     assert torch.equal(codes.view(2, -1), previous)
     assert ((codes >= 0) & (codes < IMAGE_TOKENS)).all()
+
+
+def test_drawing_only_committed_cells_changes_nothing_at_temperature_zero():
+    """The loop skips draws the next pass would discard; the full computation gives the same codes."""
+    model = make_sr(dtype=torch.float64)
+    low, _, text = random_inputs(SR, batch=2)
+    codes = super_resolve_codes(model, low, text, temperature=0.0)
+    with torch.no_grad():
+        context = model.encode_context(low, text)
+        full = model.high_res_logits(context, model.masked_input(2)).argmax(-1)
+        for mask in refinement_masks(SR):
+            tokens = full.masked_fill(mask[None], model.mask_id)
+            full = torch.where(mask[None], model.high_res_logits(context, tokens).argmax(-1), full)
+    assert torch.equal(codes.view(2, -1), full)
 
 
 def test_temperature_zero_is_greedy_and_sampling_is_batch_invariant():
