@@ -1,9 +1,10 @@
 """Super-resolution wall time: CogView2's direct SR + 6 LoPAR passes vs CogView1's sliding window.
 
-Both make the same high-res code grid (H x H, H = scale x h) from the same low-res grid (h x h) and text,
+Both make the same high-res code grid (H x H, H = scale x h) from the same low-res grid (h x h) and text
+(16 pieces; none in the shapes case, text-free like the embedded model's stage),
 with random-weight transformers of the same trunk (layers, width, heads, vocabulary), sampling at
-temperature 1 over the image codes, batch 1 (and more with --batches). The VQ-VAE decode (the same for
-both) is not timed.
+temperature 1 over the image codes, batch 1 (and more with --batches). The VQ-VAE decode of the result
+(the same for both) is not timed; the decode of the low-res codes that a pixel-hint stage reads is.
 
 - sr: `cogview.generation.super_resolve_codes`: the text + low-res part encoded once, one direct pass
   over all H*H cells, then 6 refinement passes (re-masking 23, 19, 15, 10, 6, 2 cells per 6x6 tile),
@@ -43,13 +44,12 @@ from cogview.generation import low_res_pixels, sample_image_codes, super_resolve
 from cogview.models import VQVAE, CogViewTransformer, vqvae_presets  # noqa: E402
 from cogview.models.super_resolution import SuperResolutionTransformer, sr_presets  # noqa: E402
 
-TEXT_LEN = 16  # text pieces in both layouts
-
-# name -> (SR preset, trunk overrides)
+# name -> (SR preset, trunk overrides, text pieces in both layouts)
 CASES = {
-    "shapes-8to24": ("shapes-8to24", {}),  # the embedded model's stage: 8x8 -> 24x24 codes, 4 x 128
-    "cogview2-20to60": ("cogview2-20to60", {}),  # CogView2's grids: 20x20 -> 60x60 codes, 6 x 256
-    "smoke": ("test-4to12", {}),  # 2x2 -> 6x6 codes, 2 x 32 (see SMOKE)
+    # the embedded model's stage: 8x8 -> 24x24 codes, 4 x 128, text-free (as shipped), pixel hint
+    "shapes-8to24": ("shapes-8to24", {}, 0),
+    "cogview2-20to60": ("cogview2-20to60", {}, 16),  # CogView2's grids: 20x20 -> 60x60 codes, 6 x 256, text
+    "smoke": ("test-4to12", {}, 16),  # 2x2 -> 6x6 codes, 2 x 32 (see SMOKE)
 }
 SMOKE = dict(low_res=2, window=(3, 3), cross_window=(3, 3), tile=(3, 3), schedule=(5, 3, 1))
 
@@ -113,18 +113,18 @@ def main() -> None:
     dtypes = [_dtype(name) for name in args.dtypes.split(",")]
     rows, best = [], []
     for name in cases:
-        preset, overrides = CASES[name]
+        preset, overrides, text_len = CASES[name]
         config = sr_presets[preset]
         if name == "smoke":
             config = config.replace(**SMOKE)
         if overrides:
             config = config.replace(transformer=config.transformer.replace(**overrides))
-        config = config.replace(max_text_len=max(config.max_text_len, TEXT_LEN))
+        config = config.replace(max_text_len=max(config.max_text_len, text_len) if text_len else 0)
         torch.manual_seed(0)
         sr32 = SuperResolutionTransformer(config).to(device).eval()
         h, big = config.low_res, config.high_res
         # the baseline: a CogView transformer of the same trunk whose positions fit a window's sequence
-        prompt_len = len(cogview1_prompt(config.transformer, [0] * TEXT_LEN, [0] * (h // 2) ** 2))
+        prompt_len = len(cogview1_prompt(config.transformer, [0] * text_len, [0] * (h // 2) ** 2))
         trunk = config.transformer.replace(max_positions=prompt_len + (big // 2) ** 2)
         ar32 = CogViewTransformer(trunk).to(device).eval()
         models = {dtype: (copy.deepcopy(sr32).to(dtype), copy.deepcopy(ar32).to(dtype)) for dtype in dtypes}
@@ -135,15 +135,18 @@ def main() -> None:
                  if config.pixel_hint else None)
         t = config.transformer
         g = torch.Generator().manual_seed(1)
-        text = torch.randint(t.text_offset, t.text_offset + t.text_tokens, (TEXT_LEN,), generator=g).tolist()
+        text = torch.randint(t.text_offset, t.text_offset + t.text_tokens, (text_len,), generator=g).tolist()
         # whole-image calls of seconds: 3 rounds unless --repeats says otherwise
         repeats = 1 if args.smoke else (args.repeats if "--repeats" in sys.argv else 3)
         for batch in batches:
             low = torch.randint(0, t.image_tokens, (batch, h, h), generator=g)
-            text_tokens = torch.full((batch, config.text_positions), t.command_id("[PAD]"), dtype=torch.long)
-            text_tokens[:, 0] = t.command_id("[ROI1]")
-            text_tokens[:, 1: 1 + TEXT_LEN] = torch.tensor(text)
-            low_d, text_d = low.to(device), text_tokens.to(device)
+            text_d = None
+            if config.text_positions:
+                text_tokens = torch.full((batch, config.text_positions), t.command_id("[PAD]"), dtype=torch.long)
+                text_tokens[:, 0] = t.command_id("[ROI1]")
+                text_tokens[:, 1: 1 + text_len] = torch.tensor(text)
+                text_d = text_tokens.to(device)
+            low_d = low.to(device)
             seeds = list(range(batch))
 
             def run_sr(sr):
@@ -164,6 +167,7 @@ def main() -> None:
                 sr_s, sliding_s = times[f"sr {tag}"], times[f"sliding {tag}"]
                 rows.append({
                     "case": name, "grids": f"{h}x{h}->{big}x{big}", "trunk": f"{t.num_layers}x{t.hidden_size}",
+                    "text": text_len,
                     "dtype": tag, "batch": batch, "sr_ms": sr_s * 1e3, "sliding_ms": sliding_s * 1e3,
                     "speedup": sliding_s / sr_s, "sr_passes": passes, "sliding_steps": 9 * (big // 2) ** 2,
                     "sr_tokens": passes * big * big, "sliding_tokens": 9 * (big // 2) ** 2,
@@ -176,13 +180,13 @@ def main() -> None:
                         f"fastest sliding ({fastest['sliding'][1]}) {fastest['sliding'][0] * 1e3:.0f} ms = "
                         f"{fastest['sliding'][0] / fastest['sr'][0]:.1f}x")
     _harness.report("super_resolution", args, rows,
-                    ["case", "grids", "trunk", "dtype", "batch", "sr_ms", "sliding_ms", "speedup", "sr_passes",
+                    ["case", "grids", "trunk", "text", "dtype", "batch", "sr_ms", "sliding_ms", "speedup", "sr_passes",
                      "sliding_steps", "sr_tokens", "sliding_tokens"],
                     notes=f"sr = direct SR + sr_passes - 1 LoPAR passes (one forward each; CogView2's 6 = 23, 19, "
                           f"15, 10, 6, 2 cells per 6x6 tile; with a pixel hint, the VQ-VAE decode of the low-res "
                           f"codes it reads is timed too); sliding = CogView1's nine autoregressive windows through "
                           f"cogview.generation.sample_image_codes. Both methods in each dtype (weights and "
-                          f"activations), temperature 1, text {TEXT_LEN} pieces, random weights, "
+                          f"activations), temperature 1, text pieces as in the `text` column (0: text-free), random weights, "
                           f"{torch.get_num_threads()} threads; tokens = high-res tokens pushed through the trunk.\n\n"
                           f"Each method in its fastest dtype:\n" + "\n".join(f"- {line}" for line in best))
 
