@@ -150,8 +150,8 @@ def main() -> None:
             seeds = list(range(batch))
 
             def run_sr(sr):
-                pixels = low_res_pixels(sr, vqvae, low_d) if vqvae is not None else None
-                return super_resolve_codes(sr, low_d, text_d, temperature=1.0, seeds=seeds, low_pixels=pixels)
+                return super_resolve_codes(sr, low_d, text_d, temperature=1.0, seeds=seeds,
+                                           low_pixels=low_res_pixels(sr, vqvae, low_d))  # None: no pixel hint
 
             candidates = {}
             for dtype, (sr, ar) in models.items():

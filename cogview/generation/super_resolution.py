@@ -98,20 +98,21 @@ def super_resolve_codes(model: SuperResolutionTransformer, low_codes: torch.Tens
     seeds = list(seeds)
     if len(seeds) != batch or any(not isinstance(s, int) or isinstance(s, bool) for s in seeds):
         raise ValueError(f"{what}: `seeds` must be an int or {batch} ints, got {seeds!r}")
-    masks = [(k, mask) for k, mask in enumerate(refinement_masks(config, schedule).to(model.device), start=1)
-             if bool(mask.any())]
+    # (pass index, the cells it predicts): the direct pass predicts every cell
     everything = torch.ones(config.high_len, dtype=torch.bool, device=model.device)
-    passes = [(0, None, everything)] + [(k, mask, mask) for k, mask in masks]
+    passes = [(0, everything)] + [(k, mask) for k, mask in
+                                  enumerate(refinement_masks(config, schedule).to(model.device), start=1)
+                                  if bool(mask.any())]
     codes = model.masked_input(batch)
-    for i, (k, mask, predicted) in enumerate(passes):
-        remasked = passes[i + 1][2] if i + 1 < len(passes) else None
+    for i, (k, predicted) in enumerate(passes):
+        remasked = passes[i + 1][1] if i + 1 < len(passes) else None
         commit = predicted if remasked is None else predicted & ~remasked
         if bool(commit.any()):  # (a pass whose cells the next re-masks all would change nothing)
             hidden = model.high_res_hidden(context, codes, only=commit)
             codes = codes.clone()
             codes[:, commit] = _draw(model.logits(hidden), seeds, k, temperature, top_k, top_p)
         if history is not None:
-            history.append((k, None if mask is None else mask.clone(), codes.clone()))
+            history.append((k, None if k == 0 else predicted.clone(), codes.clone()))
         if remasked is not None:
             codes = codes.masked_fill(remasked[None], model.mask_id)
     side = config.high_res

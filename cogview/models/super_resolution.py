@@ -26,8 +26,8 @@ Input of a high-res token: the embedding of its code (or of [MASK]) + its positi
 `parent_hint`) the embedding of its parent low-res code + (with `pixel_hint` = the VQ-VAE's down-sampling
 factor p) a linear projection of the p x p patch under the cell in the decoded low-res image, upsampled
 bicubically to the high-res size. The decoded image is a function of the low-res codes, so the stage still
-maps codes to codes; the hint hands it, spatially aligned, what it would otherwise have to learn to decode. Output: logits over the image codes only (the
-first `image_tokens` rows of the tied head).
+maps codes to codes; the hint hands it, spatially aligned, what it would otherwise have to learn to decode.
+Output: logits over the image codes only (the first `image_tokens` rows of the tied head).
 
 LoPAR schedule (`refinement_masks`): the high-res grid is cut into `tile`-sized tiles; the cells of a
 tile are ranked once (farthest-point order on the tile torus, so the cells kept early are spread out),

@@ -191,6 +191,7 @@ def sr_example(model, count: int = 6) -> Path:
     import torch.nn.functional as F
 
     from cogview.data.shapes import ShapesDataset
+    from cogview.generation.images import pil_to_tensor
     from cogview.training.images import save_grid
 
     low_set, high_set = (ShapesDataset(resolution=px, language="en", seed=1_000_003, num_samples=count)
@@ -198,8 +199,6 @@ def sr_example(model, count: int = 6) -> Path:
     low = torch.stack([low_set[i]["image"] for i in range(count)])
     high = torch.stack([high_set[i]["image"] for i in range(count)])
     upscaled = model.upscale(low)
-    from cogview.generation.images import pil_to_tensor
-
     rows = [F.interpolate(low, scale_factor=3, mode="nearest"),
             F.interpolate(low, scale_factor=3, mode="bicubic", align_corners=False).clamp(0, 1),
             torch.stack([pil_to_tensor(r.image) for r in upscaled]), high]
