@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from cogview.cpu_allocator import auto_tune_cpu_allocator
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -30,6 +32,7 @@ def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None
         extra(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    args.malloc_tuning = auto_tune_cpu_allocator()
     if args.repeats is None:
         args.repeats = 3 if args.smoke else 15
     return args
@@ -106,10 +109,13 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 def report(name: str, args, rows: list[dict], columns: list[str], notes: str = "") -> None:
     print(f"\n## {name} ({'smoke' if args.smoke else 'full'}, device {args.device})\n")
     print(markdown_table(rows, columns))
+    tuned = getattr(args, "malloc_tuning", False)
+    print(f"\n(glibc malloc tuning {'on' if tuned else 'off'}: cogview.cpu_allocator; COGVIEW_MALLOC_TUNING=0 turns it off)")
     if notes:
         print("\n" + notes)
     path = args.json or RESULTS_DIR / f"{name}{'-smoke' if args.smoke else ''}-{args.device}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"bench": name, "machine": machine(), "smoke": args.smoke, "rows": rows},
+    path.write_text(json.dumps({"bench": name, "machine": machine(), "malloc_tuning": tuned, "smoke": args.smoke,
+                                "rows": rows},
                                indent=2))
     print(f"\n(results: {path})")

@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from cogview.cpu_allocator import auto_tune_cpu_allocator
+
+    auto_tune_cpu_allocator()  # generation and training loops reuse freed activations (see the module)
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError, KeyError) as error:

@@ -7,6 +7,7 @@
 
 #include <cstdlib>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "cpu/cpu_ops.h"
@@ -23,7 +24,41 @@ constexpr int64_t kMaxGradChunks = 64;
 // Rows per parallel task in the forward: enough work to amortise a task, small enough to balance.
 constexpr int64_t kForwardGrainElems = 32768;
 
-at::Tensor acc_param(const at::Tensor& p, at::ScalarType acc) { return p.to(acc).contiguous(); }
+// A weight or bias as a contiguous array of the accumulator type: read in place when it already
+// is one, else converted here with a plain loop. (Tensor::to + contiguous cost four ATen calls per
+// parameter, which for a bf16 model outweighed the LayerNorm of a few hundred rows.)
+class AccParam {
+ public:
+  AccParam(const at::Tensor& p, at::ScalarType acc) {
+    if (p.scalar_type() == acc && p.is_contiguous()) {
+      data_ = p.data_ptr();
+      return;
+    }
+    if (acc == at::kDouble) {
+      data_ = convert<double>(p);
+    } else {
+      data_ = convert<float>(p);
+    }
+  }
+  void* data() const { return data_; }
+
+ private:
+  template <typename Acc>
+  void* convert(const at::Tensor& p) {
+    const int64_t n = p.numel();
+    buffer_.resize(static_cast<size_t>(n) * sizeof(Acc));
+    Acc* out = reinterpret_cast<Acc*>(buffer_.data());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "layer_norm_param", [&] {
+      const scalar_t* src = p.const_data_ptr<scalar_t>();
+      const int64_t stride = p.stride(0);
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<Acc>(src[i * stride]);
+    });
+    return out;
+  }
+
+  void* data_ = nullptr;
+  std::vector<char> buffer_;
+};
 
 // Recycles the large, full-size outputs of these ops (new_residual, normed, the input gradients).
 //
@@ -144,9 +179,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor* residua
                                                                                    : branch.scalar_type()));
   at::Tensor normed = w_next ? empty_output(branch.sizes(), branch.options()) : branch.new_empty({0});
   at::Tensor stats = at::empty({rows, w_next ? 4 : 2}, branch.options().dtype(acc));
-  at::Tensor wo = acc_param(w_out, acc), bo = acc_param(b_out, acc);
-  at::Tensor wn = w_next ? acc_param(*w_next, acc) : at::Tensor();
-  at::Tensor bn = b_next ? acc_param(*b_next, acc) : at::Tensor();
+  const AccParam wo(w_out, acc), bo(b_out, acc);
+  const std::optional<AccParam> wn = w_next ? std::make_optional<AccParam>(*w_next, acc) : std::nullopt;
+  const std::optional<AccParam> bn = b_next ? std::make_optional<AccParam>(*b_next, acc) : std::nullopt;
 
   LayerNormForwardArgs a;
   a.rows = rows;
@@ -159,10 +194,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor* residua
   a.branch = branch_rows.data_ptr();
   a.branch_type = elem_type(branch_rows, "branch");
   a.branch_stride = row_stride(branch_rows);
-  a.w_out = wo.data_ptr();
-  a.b_out = bo.data_ptr();
-  a.w_next = w_next ? wn.data_ptr() : nullptr;
-  a.b_next = w_next ? bn.data_ptr() : nullptr;
+  a.w_out = wo.data();
+  a.b_out = bo.data();
+  a.w_next = wn ? wn->data() : nullptr;
+  a.b_next = bn ? bn->data() : nullptr;
   a.out = out.data_ptr();
   a.out_type = elem_type(out, "out");
   a.normed = w_next ? normed.data_ptr() : nullptr;
@@ -217,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(const at:
   const int64_t hidden = x.size(-1);
   const at::ScalarType acc = ops::accumulator_type(x);
   at::Tensor x_rows = as_rows(x, hidden), g_rows = as_rows(grad_out, hidden);
-  at::Tensor w = acc_param(weight, acc);
+  const AccParam w(weight, acc);
   at::Tensor stats_c = stats.to(acc).contiguous();
   at::Tensor grad_x = empty_output(x.sizes(), x.options());
   LayerNormBackwardArgs a;
@@ -229,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(const at:
   a.branch = x_rows.data_ptr();
   a.branch_type = elem_type(x_rows, "x");
   a.branch_stride = row_stride(x_rows);
-  a.w_out = w.data_ptr();
+  a.w_out = w.data();
   a.stats = stats_c.data_ptr();
   a.grad_branch = grad_x.data_ptr();
   at::Tensor sums = backward(a, acc, x.options());
@@ -258,7 +293,8 @@ add_layer_norm_backward_cpu(const std::optional<at::Tensor>& grad_new_residual,
   at::Tensor branch_rows = as_rows(branch, hidden), out_rows = as_rows(new_residual, hidden);
   at::Tensor gr_rows = grad_new_residual ? as_rows(*grad_new_residual, hidden) : at::Tensor();
   at::Tensor gn_rows = has_next && grad_normed ? as_rows(*grad_normed, hidden) : at::Tensor();
-  at::Tensor wo = acc_param(w_out, acc), wn = has_next ? acc_param(*w_next, acc) : at::Tensor();
+  const AccParam wo(w_out, acc);
+  const std::optional<AccParam> wn = has_next ? std::make_optional<AccParam>(*w_next, acc) : std::nullopt;
   at::Tensor stats_c = stats.to(acc).contiguous();
   at::Tensor grad_residual = empty_output(new_residual.sizes(), new_residual.options());
   at::Tensor grad_branch = empty_output(branch.sizes(), branch.options());
@@ -282,8 +318,8 @@ add_layer_norm_backward_cpu(const std::optional<at::Tensor>& grad_new_residual,
   a.out = out_rows.data_ptr();
   a.out_type = elem_type(out_rows, "new_residual");
   a.out_stride = row_stride(out_rows);
-  a.w_out = wo.data_ptr();
-  a.w_next = has_next ? wn.data_ptr() : nullptr;
+  a.w_out = wo.data();
+  a.w_next = wn ? wn->data() : nullptr;
   a.stats = stats_c.data_ptr();
   a.has_next = has_next;
   a.grad_branch = grad_branch.data_ptr();
