@@ -178,6 +178,14 @@ CASES = {
                                        "d": 37, "text": 2},
     "large_head_dim": {**BASE, "heads": 1, "grid_q": (5, 6), "grid_kv": (5, 6), "window": (3, 3),
                        "d": 160, "text": 3},
+    # Cross-resolution windows without text: each parent's window is packed once for its block of
+    # queries (the SR stage's cross window; 4 heads = one task per head, 1 head = query tiles).
+    "shared_window_24_from_8": {**BASE, "heads": 4, "grid_q": (24, 24), "grid_kv": (8, 8), "window": (5, 5),
+                                "d": 32},
+    "shared_window_tiles": {**BASE, "heads": 1, "grid_q": (24, 24), "grid_kv": (8, 8), "window": (5, 5), "d": 32},
+    "shared_window_wider_than_grid": {**BASE, "grid_q": (6, 4), "grid_kv": (3, 2), "window": (7, 9), "d": 37},
+    "shared_window_2x2_blocks": {**BASE, "batch": 2, "grid_q": (10, 14), "grid_kv": (5, 7), "window": (9, 9),
+                                 "kv_broadcast": True, "d": 8},
 }
 
 
@@ -190,7 +198,8 @@ def test_named_case(name, dtype):
 
 
 @pytest.mark.parametrize("isa", cogview.ops.usable_cpu_isas())
-@pytest.mark.parametrize("name", ["causal_with_text", "cross_resolution_20_to_60", "head_dim_not_multiple_of_lanes"])
+@pytest.mark.parametrize("name", ["causal_with_text", "cross_resolution_20_to_60", "head_dim_not_multiple_of_lanes",
+                                  "shared_window_24_from_8", "shared_window_wider_than_grid"])
 def test_every_isa(isa, name):
     with cogview.ops.use_cpu_isa(isa):
         check_against_reference(CASES[name], torch.float32)

@@ -982,6 +982,142 @@ void forward_rows(const LocalAttentionForwardArgs& a, Scratch<T>& sc, GroupMasks
   }
 }
 
+// ---- forward over shared (parent) windows ---------------------------------------------------------
+//
+// A cross-resolution window (keys on a coarser grid, each key cell the parent of an sh x sw block
+// of queries) is the same for every query of the block. Its in-grid keys are packed once per
+// block, compacted into one [head_dim][keys] tile: the 25 keys of a 5x5 window fill two 16-lane
+// vectors, where the strip layout above spends five vectors (80 lanes) per query on them. Used
+// without text keys and causality, when blocks have >= 4 queries.
+
+constexpr int64_t kMinParentQueries = 4;
+constexpr int64_t kMaxParentKeyVectors = 8;
+
+bool parent_windows(const LocalAttentionShape& s, const LocalAttentionPlan& p) {
+  const int64_t sh = s.q_h / s.k_h, sw = s.q_w / s.k_w, kw = round_up(s.win_h * s.win_w, p.lanes);
+  // (the scores of a query go to a Scratch::s row of win_h * strip + tpad elements)
+  return !s.causal && s.text == 0 && sh * sw >= kMinParentQueries && kw <= kMaxParentKeyVectors * p.lanes &&
+         kw <= s.win_h * p.strip;
+}
+
+// Per-task buffers of the parent path: the packed window and the queries of one block (<= kGroup
+// at a time; the scores reuse Scratch::s, whose rows hold at least round_up(win_h * win_w, L)).
+// The packed window's rows are `stride` = kw + L apart: window rows are copied one vector at a
+// time (a fixed-size copy compiles to one move; a variable one to a library call per row), and
+// what a copy writes beyond its row's keys is overwritten by the next row or lies in padding.
+template <typename T>
+struct ParentScratch {
+  int64_t kw = 0;                 // key columns read by the scores (a multiple of the vector width)
+  int64_t stride = 0;             // elements per head_dim row of `keys`
+  std::vector<T> keys;            // [head_dim][stride]
+  std::vector<int64_t> queries;   // query indices of the block, raster order
+  explicit ParentScratch(const LocalAttentionShape& s)
+      : kw(round_up(s.win_h * s.win_w, Vec<T>::L)), stride(kw + Vec<T>::L), keys(s.head_dim * stride, T(0)) {}
+};
+
+// Exact softmax over keys [0, n) of one query's scores (padding lanes beyond n become 0).
+template <typename T>
+void softmax_keys(T* sm, int64_t n, T* lse, T* inv) {
+  using V = Vec<T>;
+  using R = typename V::R;
+  constexpr int L = V::L;
+  const R ninf = V::set1(-std::numeric_limits<T>::infinity()), zero = V::zero();
+  R mx = ninf;
+  for (int64_t j = 0; j < n; j += L) mx = V::max(mx, V::keep(V::load(sm + j), 0, n - j, ninf));
+  const T mxs = V::hmax(mx);
+  const R mv = V::set1(mxs);
+  R sum = zero;
+  for (int64_t j = 0; j < n; j += L) {
+    const R e = V::keep(V::exp(V::sub(V::load(sm + j), mv)), 0, n - j, zero);
+    V::store(sm + j, e);
+    sum = V::add(sum, e);
+  }
+  const T total = V::hsum(sum);
+  *lse = mxs + std::log(total);
+  *inv = T(1) / total;
+}
+
+// Queries in rows [y0, y1) x columns [x0, x1) of head (b, h), parent block by parent block.
+template <typename T>
+void forward_parents(const LocalAttentionForwardArgs& a, Scratch<T>& sc, ParentScratch<T>& ps,
+                     std::vector<Segment<T>>& segs, int64_t b, int64_t h, int64_t y0, int64_t y1, int64_t x0,
+                     int64_t x1) {
+  const LocalAttentionShape& s = a.shape;
+  const LocalAttentionPlan& p = a.plan;
+  const int64_t L = p.lanes, depth = s.head_dim, dp = p.dp, sld = sc.sld;
+  const int64_t sh = s.q_h / s.k_h, sw = s.q_w / s.k_w, rh = s.win_h / 2, rw = s.win_w / 2;
+  const int64_t n_q = s.q_h * s.q_w, key_row = depth * p.row_width, q_esz = elem_size(a.q_type);
+  const T scale = static_cast<T>(a.scale);
+  const int64_t bh = b * a.heads + h;
+  const char* q_bh = static_cast<const char*>(a.q) + (b * a.q_sb + h * a.q_sh) * q_esz;
+  const T* kt_bh = static_cast<const T*>(a.kt) + b * a.kt_sb + h * a.kt_sh;
+  const T* v_bh = static_cast<const T*>(a.v) + b * a.v_sb + h * a.v_sh;
+  char* out_bh = static_cast<char*>(a.out) + bh * n_q * depth * q_esz;
+  T* lse_bh = static_cast<T*>(a.lse) + bh * n_q;
+  const T* kp[kScoreNV];
+  int64_t soff[kScoreNV];
+
+  for (int64_t py = y0 / sh; py * sh < y1; ++py) {
+    for (int64_t px = x0 / sw; px * sw < x1; ++px) {
+      // The window's in-grid keys, row by row, compacted: keys [n, n + count) of `segs[i]`.
+      const int64_t r_lo = std::max<int64_t>(py - rh, 0), r_hi = std::min<int64_t>(py + rh, s.k_h - 1);
+      const int64_t c_lo = std::max<int64_t>(px - rw, 0), c_hi = std::min<int64_t>(px + rw, s.k_w - 1);
+      const int64_t cols = c_hi - c_lo + 1;
+      int nseg = 0;
+      int64_t n = 0;
+      constexpr int64_t VL = Vec<T>::L;
+      for (int64_t r = r_lo; r <= r_hi; ++r, n += cols) {
+        // (a transposed key row has >= strip >= VL columns right of the grid, so the vector read
+        // from c_lo stays inside it)
+        const T* src = kt_bh + r * key_row + p.pad + c_lo;
+        T* dst = ps.keys.data() + n;
+        for (int64_t d = 0; d < depth; ++d) {
+          if (cols <= VL) {
+            std::memcpy(dst + d * ps.stride, src + d * p.row_width, VL * sizeof(T));
+          } else {
+            std::copy(src + d * p.row_width, src + d * p.row_width + cols, dst + d * ps.stride);
+          }
+        }
+        segs[nseg++] = {v_bh + (r * s.k_w + c_lo) * a.v_sn, a.v_sn, n, cols};
+      }
+      const int64_t nvec = (n + L - 1) / L;
+      for (int64_t d = 0; d < depth; ++d) std::memset(ps.keys.data() + d * ps.stride + n, 0, VL * sizeof(T));
+
+      ps.queries.clear();
+      for (int64_t y = std::max(py * sh, y0); y < std::min(py * sh + sh, y1); ++y) {
+        for (int64_t x = std::max(px * sw, x0); x < std::min(px * sw + sw, x1); ++x) ps.queries.push_back(y * s.q_w + x);
+      }
+      for (std::size_t first = 0; first < ps.queries.size(); first += kGroup) {
+        const int64_t count = std::min<int64_t>(kGroup, static_cast<int64_t>(ps.queries.size() - first));
+        const int64_t* qi = ps.queries.data() + first;
+        for (int64_t m = 0; m < count; ++m) {
+          T* row = sc.q.data() + m * dp;
+          load_row(row, q_bh + qi[m] * a.q_sn * q_esz, a.q_type, depth);
+          for (int64_t d = 0; d < depth; ++d) row[d] *= scale;
+          std::fill(row + depth, row + dp, T(0));
+        }
+        for (int64_t mb = 0; mb < count; mb += kScoreM) {
+          const int mm = static_cast<int>(std::min<int64_t>(kScoreM, count - mb));
+          for (int64_t f = 0; f < nvec; f += kScoreNV) {
+            const int cnt = static_cast<int>(std::min<int64_t>(kScoreNV, nvec - f));
+            for (int j = 0; j < cnt; ++j) {
+              kp[j] = ps.keys.data() + (f + j) * L;
+              soff[j] = (f + j) * L;
+            }
+            score<T>(mm, cnt, sc.q.data() + mb * dp, dp, depth, kp, ps.stride, sc.s.data() + mb * sld, sld, soff);
+          }
+        }
+        for (int64_t m = 0; m < count; ++m) softmax_keys(sc.s.data() + m * sld, n, &sc.lse[m], &sc.inv[m]);
+        combine(count, dp, L, segs.data(), nseg, sc.s.data(), sld, sc.inv.data(), sc.o.data(), dp);
+        for (int64_t m = 0; m < count; ++m) {
+          store_row(out_bh + qi[m] * depth * q_esz, sc.o.data() + m * dp, a.q_type, depth);
+          lse_bh[qi[m]] = sc.lse[m];
+        }
+      }
+    }
+  }
+}
+
 // Carves per-task pack buffers out of the scratch the torch layer allocated.
 template <typename T>
 struct ScratchCursor {
@@ -1008,12 +1144,19 @@ void forward_tasks(const LocalAttentionForwardArgs& a, int64_t begin, int64_t en
   Scratch<T> sc(s, p, false);
   GroupMasks<T> mk(p, s.text);
   std::vector<Segment<T>> segs(s.win_h + 1);
+  const bool parents = parent_windows(s, p);
+  ParentScratch<T> ps(parents ? s : LocalAttentionShape{});
   if (!a.per_head) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t tc = task % tg.cols, tr = (task / tg.cols) % tg.rows;
       const int64_t bh = task / (tg.cols * tg.rows);
       const int64_t y0 = tr * p.tile_h, y1 = std::min(s.q_h, y0 + p.tile_h);
-      forward_rows(a, sc, mk, segs, bh / a.heads, bh % a.heads, y0, y1, tc, tc + 1);
+      if (parents) {
+        const int64_t x0 = tc * p.tile_w;
+        forward_parents(a, sc, ps, segs, bh / a.heads, bh % a.heads, y0, y1, x0, std::min(s.q_w, x0 + p.tile_w));
+      } else {
+        forward_rows(a, sc, mk, segs, bh / a.heads, bh % a.heads, y0, y1, tc, tc + 1);
+      }
     }
     return;
   }
@@ -1049,7 +1192,11 @@ void forward_tasks(const LocalAttentionForwardArgs& a, int64_t begin, int64_t en
       la.text_v = tv;
       la.tv_sb = la.tv_sh = 0;
     }
-    forward_rows(la, sc, mk, segs, b, h, 0, s.q_h, 0, tg.cols);
+    if (parents) {
+      forward_parents(la, sc, ps, segs, b, h, 0, s.q_h, 0, s.q_w);
+    } else {
+      forward_rows(la, sc, mk, segs, b, h, 0, s.q_h, 0, tg.cols);
+    }
   }
 }
 
