@@ -45,6 +45,13 @@ namespace {
 // Vec<T>::R is one register of L accumulator elements; the micro-kernels use only these five
 // operations, so the same templates serve AVX-512, AVX2 and the portable baseline.
 
+// Softmax weights below exp(kExpFlush) of the row's maximum are exactly 0 (vec_math.h says why),
+// in double too, so that every ISA and dtype drops the same keys.
+template <typename T>
+inline T flushed_exp(T x) {  // (a NaN argument stays NaN)
+  return x < static_cast<T>(kExpFlush) ? T(0) : static_cast<T>(std::exp(x));
+}
+
 template <typename T, int N>
 struct PortableVec {
   static constexpr int L = N;
@@ -105,7 +112,8 @@ struct PortableVec {
     return x;
   }
   static R exp(R x) {
-    for (int i = 0; i < N; ++i) x.v[i] = exp_nonpositive(x.v[i]);  // arguments are x - max <= 0
+    // arguments are x - max <= 0
+    for (int i = 0; i < N; ++i) x.v[i] = x.v[i] < static_cast<T>(kExpFlush) ? T(0) : exp_nonpositive(x.v[i]);
     return x;
   }
   // A lane mask computed once and applied many times: select(m, x, fill) is keep() with m =
@@ -159,6 +167,7 @@ struct Vec<float> {
   static R select(Mask m, R x, R fill) { return _mm512_mask_blend_ps(m, fill, x); }
   // vec_math.h's exp_nonpositive algorithm on 16 lanes; scalef applies 2^n.
   static R exp(R x) {
+    const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(static_cast<float>(kExpFlush)), _CMP_NLT_UQ);
     // Operand order matters: max/min return their second operand when either is NaN, so a NaN
     // score stays NaN (and poisons the row's sum) instead of being clamped to a finite weight.
     x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
@@ -174,7 +183,7 @@ struct Vec<float> {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+    return _mm512_maskz_scalef_ps(kept, p, n);
   }
 };
 template <>
@@ -201,7 +210,7 @@ struct Vec<double> {
   static R exp(R x) {
     alignas(64) double t[8];
     _mm512_store_pd(t, x);
-    for (double& e : t) e = std::exp(e);
+    for (double& e : t) e = flushed_exp(e);
     return _mm512_load_pd(t);
   }
 };
@@ -250,6 +259,7 @@ struct Vec<float> {
   static Mask range_mask(int64_t lo, int64_t hi) { return _mm256_castsi256_ps(lane_range_mask256(lo, hi, L)); }
   static R select(Mask m, R x, R fill) { return _mm256_blendv_ps(fill, x, m); }
   static R exp(R x) {
+    const R kept = _mm256_cmp_ps(x, _mm256_set1_ps(static_cast<float>(kExpFlush)), _CMP_NLT_UQ);
     x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x));  // NaN stays NaN
     const R n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -264,7 +274,7 @@ struct Vec<float> {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return _mm256_and_ps(kept, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
   }
 };
 template <>
@@ -306,7 +316,7 @@ struct Vec<double> {
   static R exp(R x) {
     alignas(32) double t[4];
     _mm256_store_pd(t, x);
-    for (double& e : t) e = std::exp(e);
+    for (double& e : t) e = flushed_exp(e);
     return _mm256_load_pd(t);
   }
 };
