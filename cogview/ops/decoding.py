@@ -7,7 +7,8 @@ accumulates in float32 (float64 for float64 q) and returns q's dtype. Position c
 CPU kernel, which raises before writing or reading anything out of range. On CUDA the values stay on
 the device (no synchronisation, so a decoding step can be captured in a CUDA graph) and are checked by
 the kernels instead: kv_cache_write skips a sequence whose positions would overrun the cache, and
-decode_attention returns NaN for a sequence whose length lies outside [n, max_len].
+decode_attention returns NaN for a sequence whose length lies outside [n, max_len]. As in
+`local_attention`, the CPU kernels take a float32 weight below exp(-64) of the largest as exactly 0.
 """
 from __future__ import annotations
 
