@@ -1010,11 +1010,11 @@ bool parent_windows(const LocalAttentionShape& s, const LocalAttentionPlan& p) {
          kw <= s.win_h * p.strip;
 }
 
-// Per-task buffers of the parent path: the packed window and the queries of one block (<= kGroup
-// at a time; the scores reuse Scratch::s, whose rows hold at least round_up(win_h * win_w, L)).
-// The packed window's rows are `stride` = kw + L apart: window rows are copied one vector at a
-// time (a fixed-size copy compiles to one move; a variable one to a library call per row), and
-// what a copy writes beyond its row's keys is overwritten by the next row or lies in padding.
+// Per-task buffers of the parent path: the packed window and the queries of one block (the
+// scores go to Scratch::s, <= kGroup queries at a time). The packed window's rows are
+// `stride` = kw + L apart: window rows are copied one vector at a time (a fixed-size copy compiles
+// to one move, a variable one to a library call per row), and what a copy writes beyond its row's
+// keys is overwritten by the next row or lies in padding.
 template <typename T>
 struct ParentScratch {
   int64_t kw = 0;                 // key columns read by the scores (a multiple of the vector width)
