@@ -1012,17 +1012,17 @@ bool parent_windows(const LocalAttentionShape& s, const LocalAttentionPlan& p) {
 
 // Per-task buffers of the parent path: the packed window and the queries of one block (the
 // scores go to Scratch::s, <= kGroup queries at a time). The packed window's rows are
-// `stride` = kw + L apart: window rows are copied one vector at a time (a fixed-size copy compiles
-// to one move, a variable one to a library call per row), and what a copy writes beyond its row's
-// keys is overwritten by the next row or lies in padding.
+// `stride` = (the window's keys rounded up to whole vectors) + one vector apart: window rows are
+// copied one vector at a time (a fixed-size copy compiles to one move, a variable one to a library
+// call per row), and what a copy writes beyond its row's keys is overwritten by the next row or
+// lies in padding.
 template <typename T>
 struct ParentScratch {
-  int64_t kw = 0;                 // key columns read by the scores (a multiple of the vector width)
   int64_t stride = 0;             // elements per head_dim row of `keys`
   std::vector<T> keys;            // [head_dim][stride]
   std::vector<int64_t> queries;   // query indices of the block, raster order
   explicit ParentScratch(const LocalAttentionShape& s)
-      : kw(round_up(s.win_h * s.win_w, Vec<T>::L)), stride(kw + Vec<T>::L), keys(s.head_dim * stride, T(0)) {}
+      : stride(round_up(s.win_h * s.win_w, Vec<T>::L) + Vec<T>::L), keys(s.head_dim * stride, T(0)) {}
 };
 
 // Exact softmax over keys [0, n) of one query's scores (padding lanes beyond n become 0).
