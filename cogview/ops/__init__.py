@@ -7,6 +7,7 @@ input's device, and otherwise computes through its plain-PyTorch twin in
 from cogview.ops._registry import KERNELS, cpu_isa, force_reference, has_kernel, use_cpu_isa, usable_cpu_isas
 from cogview.ops.decoding import (
     SANDWICH_LAYER_PARAMS,
+    bind_sandwich_decode_step,
     decode_attention,
     kv_cache_write,
     pack_projection_weights,
@@ -24,6 +25,7 @@ __all__ = [
     "kv_cache_write",
     "decode_attention",
     "sandwich_decode_step",
+    "bind_sandwich_decode_step",
     "pack_projection_weights",
     "SANDWICH_LAYER_PARAMS",
     "sample_tokens",

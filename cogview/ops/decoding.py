@@ -20,8 +20,8 @@ import torch
 from cogview.ops import _checks, reference
 from cogview.ops.reference import SANDWICH_LAYER_PARAMS
 
-__all__ = ["kv_cache_write", "decode_attention", "sandwich_decode_step", "pack_projection_weights",
-           "SANDWICH_LAYER_PARAMS"]
+__all__ = ["kv_cache_write", "decode_attention", "sandwich_decode_step", "bind_sandwich_decode_step",
+           "pack_projection_weights", "SANDWICH_LAYER_PARAMS"]
 
 
 def _check_cache_pair(op: str, k_cache, v_cache) -> None:
@@ -231,6 +231,28 @@ def _check_sandwich(op, tokens, positions, start, words, places, first_weight, f
             raise ValueError(f"cogview.ops.{op}: `start` in [{lo}, {hi}] overruns the cache (max_len {max_len})")
 
 
+def _sandwich_settings(op, first_norm, layer_params, k_cache, num_heads, scale, eps, pb_relax, packed_weights):
+    """The non-tensor checks of sandwich_decode_step -> (first_weight, first_bias, layer_params as a
+    list, packed_weights as a list or None)."""
+    layer_params = list(layer_params)
+    if not isinstance(first_norm, (tuple, list)) or len(first_norm) != 2:
+        raise TypeError(f"cogview.ops.{op}: `first_norm` must be a (weight, bias) pair")
+    first_weight, first_bias = first_norm
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
+        raise TypeError(f"cogview.ops.{op}: `num_heads` must be an int, got {type(num_heads).__name__}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"cogview.ops.{op}: `scale` must be a finite number, got {scale!r}")
+    if not isinstance(pb_relax, bool) or isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"cogview.ops.{op}: `eps` must be a number and `pb_relax` a bool, got {eps!r}, {pb_relax!r}")
+    if packed_weights is not None:
+        packed_weights = list(packed_weights)
+        layers = k_cache.shape[0] if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 5 else -1
+        if len(packed_weights) != 4 * layers or not all(isinstance(p, torch.Tensor) for p in packed_weights):
+            raise ValueError(f"cogview.ops.{op}: `packed_weights` must hold 4 tensors per layer (qkv, dense, up, "
+                             f"down; from pack_projection_weights), got {len(packed_weights)} items")
+    return first_weight, first_bias, layer_params, packed_weights
+
+
 def sandwich_decode_step(tokens, positions, start, *, word_embeddings, position_embeddings, first_norm,
                          layer_params, k_cache, v_cache, num_heads, scale, eps=1e-5, pb_relax=False,
                          packed_weights=None, packed_rows=0):
@@ -251,22 +273,8 @@ def sandwich_decode_step(tokens, positions, start, *, word_embeddings, position_
     differ from the unpacked ones by rounding only. Ignored by the reference path.
     """
     op = "sandwich_decode_step"
-    layer_params = list(layer_params)
-    if not isinstance(first_norm, (tuple, list)) or len(first_norm) != 2:
-        raise TypeError(f"cogview.ops.{op}: `first_norm` must be a (weight, bias) pair")
-    first_weight, first_bias = first_norm
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
-        raise TypeError(f"cogview.ops.{op}: `num_heads` must be an int, got {type(num_heads).__name__}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"cogview.ops.{op}: `scale` must be a finite number, got {scale!r}")
-    if not isinstance(pb_relax, bool) or isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"cogview.ops.{op}: `eps` must be a number and `pb_relax` a bool, got {eps!r}, {pb_relax!r}")
-    if packed_weights is not None:
-        packed_weights = list(packed_weights)
-        layers = k_cache.shape[0] if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 5 else -1
-        if len(packed_weights) != 4 * layers or not all(isinstance(p, torch.Tensor) for p in packed_weights):
-            raise ValueError(f"cogview.ops.{op}: `packed_weights` must hold 4 tensors per layer (qkv, dense, up, "
-                             f"down; from pack_projection_weights), got {len(packed_weights)} items")
+    first_weight, first_bias, layer_params, packed_weights = _sandwich_settings(
+        op, first_norm, layer_params, k_cache, num_heads, scale, eps, pb_relax, packed_weights)
     # (The lists are checked here too: one meta or CUDA tensor in them would send the call to another
     # dispatch key, e.g. the fake kernel, instead of failing.)
     if _checks.kernel_path(op, "tokens", tokens, positions=positions, start=start, word_embeddings=word_embeddings,
@@ -283,6 +291,41 @@ def sandwich_decode_step(tokens, positions, start, *, word_embeddings, position_
     return reference.sandwich_decode_step(tokens, positions, start, word_embeddings, position_embeddings,
                                           first_weight, first_bias, layer_params, k_cache, v_cache, int(num_heads),
                                           float(scale), float(eps), bool(pb_relax))
+
+
+def bind_sandwich_decode_step(*, word_embeddings, position_embeddings, first_norm, layer_params, k_cache, v_cache,
+                              num_heads, scale, eps=1e-5, pb_relax=False, packed_weights=None, packed_rows=0):
+    """`sandwich_decode_step` with everything but the per-step inputs bound (same keyword arguments):
+    returns step(tokens, positions, start) -> the final normed hidden state [rows, hidden].
+
+    What is bound is checked here, once, so that a step on the CPU kernel checks only its own three
+    tensors in Python: at a small model's decode step, looking over ~100 weight tensors per call
+    costs a few percent of the step. The kernel itself still checks shapes, dtypes and every
+    position on every call. Any other case (no CPU kernel, `force_reference()`, a bad argument)
+    goes through `sandwich_decode_step`, with its checks and messages.
+    """
+    op = "sandwich_decode_step"
+    first_weight, first_bias, layer_params, packed_weights = _sandwich_settings(
+        op, first_norm, layer_params, k_cache, num_heads, scale, eps, pb_relax, packed_weights)
+    bound = dict(word_embeddings=word_embeddings, position_embeddings=position_embeddings,
+                 first_norm=(first_weight, first_bias), layer_params=layer_params, k_cache=k_cache, v_cache=v_cache,
+                 num_heads=num_heads, scale=scale, eps=eps, pb_relax=pb_relax, packed_weights=packed_weights,
+                 packed_rows=packed_rows)
+    fixed = [word_embeddings, position_embeddings, first_weight, first_bias, k_cache, v_cache, *layer_params,
+             *(packed_weights or [])]
+    on_cpu = all(isinstance(t, torch.Tensor) and t.is_cpu for t in fixed)
+    args = (word_embeddings, position_embeddings, first_weight, first_bias, layer_params, k_cache, v_cache,
+            int(num_heads), float(scale), float(eps), bool(pb_relax), packed_weights, int(packed_rows))
+    kernel = torch.ops.cogview.sandwich_decode_step.default
+
+    def step(tokens, positions, start):
+        if on_cpu and _checks.has_kernel(op, "cpu") and isinstance(tokens, torch.Tensor) and tokens.is_cpu \
+                and isinstance(positions, torch.Tensor) and positions.is_cpu \
+                and isinstance(start, torch.Tensor) and start.is_cpu:
+            return kernel(tokens, positions, start, *args)
+        return sandwich_decode_step(tokens, positions, start, **bound)
+
+    return step
 
 
 def pack_projection_weights(layer_params, rows: int):
