@@ -30,9 +30,10 @@ without a CUDA kernel), the loop warns once and runs eagerly.
 On CPU, where nothing removes per-call Python costs, a standard model (every layer a CogViewLayer with
 the default attention) runs its decode steps through `lean_cpu_step`: one `cogview.ops.sandwich_decode_step`
 call per step, which runs the same kernels in the same order as `decode_step` inside C++, with the
-weights bound once (float32 projection weights MKL-packed once per batch of 6+ rows, so the products match
-`decode_step`'s up to rounding); the kernel checks shapes, dtypes and every cache position before
-touching memory.
+weights bound once. Its projections are the only difference: up to 4 rows go through cogview's own
+matrix-vector kernel (split over the threads; MKL's runs on one), from 5 rows on float32 weights are
+MKL-packed once per batch, so the hidden states match `decode_step`'s up to the rounding of those
+products. The kernel checks shapes, dtypes and every cache position before touching memory.
 """
 from __future__ import annotations
 
@@ -55,11 +56,11 @@ def kv_cache_bytes(config, rows: int, max_len: int, dtype: torch.dtype) -> int:
 
 _LEAN_OPS = ("sandwich_decode_step", "sample_tokens")
 
-# Fewest cache rows for which packing the projection weights pays (measured on 2 cores, small-16x16:
-# per step at 1 row packed 1.11 vs unpacked 0.94 ms, 2 rows 1.07 vs 1.02, 4 rows even, 8 rows 1.57 vs
-# 1.80; packing itself costs ~2-15 ms per batch). At one row the product streams each weight once
-# either way, so MKL's packed layout only adds work.
-PACK_MIN_ROWS = 6
+# Fewest cache rows for which the projection weights are MKL-packed. Up to 4 rows the kernel's own
+# matrix-vector products stream each weight once and are faster (2 cores, small-16x16, per step:
+# 1 row 1.01 ms vs packed 1.11, 2 rows 0.99 vs 1.05, 4 rows even); from 6 rows packed MKL wins (8 rows
+# 1.65 vs 2.26). Packing itself costs ~2-15 ms per batch.
+PACK_MIN_ROWS = 5
 
 
 def sandwich_layer_params(transformer) -> list[torch.Tensor]:
@@ -82,7 +83,8 @@ def sandwich_layer_params(transformer) -> list[torch.Tensor]:
 def lean_cpu_step(transformer, cache, *, pack: bool | None = None):
     """A CPU decode step for ONE new token per row through `cogview.ops.sandwich_decode_step` (the
     whole layer stack in one kernel call): a function (tokens [R, 1], positions [R, 1], start [R]) ->
-    final hidden states [R, H], identical to `transformer.decode_step(..., return_hidden=True)[:, 0]`;
+    final hidden states [R, H], `transformer.decode_step(..., return_hidden=True)[:, 0]` up to the
+    rounding of the projections (see the module docstring);
     None when the model is not the standard one (every layer a plain CogViewLayer with one eps,
     pb_relax and attention scale) on the CPU kernels (then use decode_step). The caller guarantees
     start + 1 <= cache.max_len. pack: hand the kernel MKL-packed projection weights for the cache's
@@ -119,10 +121,7 @@ def lean_cpu_step(transformer, cache, *, pack: bool | None = None):
     if packed is not None:
         bound.update(packed_weights=packed, packed_rows=rows)
 
-    def step(tokens: torch.Tensor, positions: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        return ops.sandwich_decode_step(tokens, positions, start, **bound)
-
-    return step
+    return ops.bind_sandwich_decode_step(**bound)
 
 
 class _ImageLoop:

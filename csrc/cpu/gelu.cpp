@@ -6,6 +6,7 @@
 
 #include "cpu/cpu_ops.h"
 #include "cpu/isa.h"
+#include "cpu/runners.h"
 #include "cpu/tensor_utils.h"
 #include "ops/gelu_checks.h"
 
@@ -22,12 +23,9 @@ void run(GeluArgs& a, const at::Tensor& x, const at::Tensor& out, bool backward)
   a.out = out.data_ptr();
   a.out_type = elem_type(out, "out");
   a.f64 = x.scalar_type() == at::kDouble || (backward && a.grad_type == ElemType::f64);
+  if (!backward) return run_gelu_forward(a, x.numel());
   at::parallel_for(0, x.numel(), kGrainElems, [&](int64_t begin, int64_t end) {
-    if (backward) {
-      COGVIEW_CPU_DISPATCH(gelu_backward, a, begin, end);
-    } else {
-      COGVIEW_CPU_DISPATCH(gelu_forward, a, begin, end);
-    }
+    COGVIEW_CPU_DISPATCH(gelu_backward, a, begin, end);
   });
 }
 
@@ -44,6 +42,12 @@ at::Tensor gelu_tanh_backward_cpu(const at::Tensor& grad_out, const at::Tensor& 
 }
 
 }  // namespace
+
+void run_gelu_forward(const GeluArgs& a, int64_t n) {
+  at::parallel_for(0, n, kGrainElems, [&](int64_t begin, int64_t end) {
+    COGVIEW_CPU_DISPATCH(gelu_forward, a, begin, end);
+  });
+}
 
 at::Tensor gelu_tanh_cpu(const at::Tensor& x_in) {
   ops::check_gelu_tanh(x_in);

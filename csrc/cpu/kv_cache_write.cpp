@@ -5,6 +5,7 @@
 
 #include "cpu/cpu_ops.h"
 #include "cpu/isa.h"
+#include "cpu/runners.h"
 #include "cpu/tensor_utils.h"
 #include "ops/decoding_checks.h"
 
@@ -38,13 +39,17 @@ void write_one(const at::Tensor& cache, const at::Tensor& src_in, const at::Tens
   a.src_stride_h = src.stride(1);
   a.src_stride_pos = src.stride(2);
   a.start = start.data_ptr<int64_t>();
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / (n * dim));
-  at::parallel_for(0, batch * heads, grain, [&](int64_t begin, int64_t end) {
-    COGVIEW_CPU_DISPATCH(kv_cache_write, a, begin, end);
-  });
+  run_kv_cache_write(a, batch);
 }
 
 }  // namespace
+
+void run_kv_cache_write(const KvCacheWriteArgs& a, int64_t batch) {
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, a.n * a.dim));
+  at::parallel_for(0, batch * a.heads, grain, [&](int64_t begin, int64_t end) {
+    COGVIEW_CPU_DISPATCH(kv_cache_write, a, begin, end);
+  });
+}
 
 // Entry points, also called directly by the fused decode step (csrc/cpu/cpu_ops.h).
 void kv_cache_write_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,

@@ -12,6 +12,7 @@
 
 #include "cpu/cpu_ops.h"
 #include "cpu/isa.h"
+#include "cpu/runners.h"
 #include "cpu/tensor_utils.h"
 #include "ops/layer_norm_checks.h"
 
@@ -23,42 +24,6 @@ namespace {
 constexpr int64_t kMaxGradChunks = 64;
 // Rows per parallel task in the forward: enough work to amortise a task, small enough to balance.
 constexpr int64_t kForwardGrainElems = 32768;
-
-// A weight or bias as a contiguous array of the accumulator type: read in place when it already
-// is one, else converted here with a plain loop. (Tensor::to + contiguous cost four ATen calls per
-// parameter, which for a bf16 model outweighed the LayerNorm of a few hundred rows.)
-class AccParam {
- public:
-  AccParam(const at::Tensor& p, at::ScalarType acc) {
-    if (p.scalar_type() == acc && p.is_contiguous()) {
-      data_ = p.data_ptr();
-      return;
-    }
-    if (acc == at::kDouble) {
-      data_ = convert<double>(p);
-    } else {
-      data_ = convert<float>(p);
-    }
-  }
-  void* data() const { return data_; }
-
- private:
-  template <typename Acc>
-  void* convert(const at::Tensor& p) {
-    const int64_t n = p.numel();
-    buffer_.resize(static_cast<size_t>(n) * sizeof(Acc));
-    Acc* out = reinterpret_cast<Acc*>(buffer_.data());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "layer_norm_param", [&] {
-      const scalar_t* src = p.const_data_ptr<scalar_t>();
-      const int64_t stride = p.stride(0);
-      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<Acc>(src[i * stride]);
-    });
-    return out;
-  }
-
-  void* data_ = nullptr;
-  std::vector<char> buffer_;
-};
 
 // Recycles the large, full-size outputs of these ops (new_residual, normed, the input gradients).
 //
@@ -206,12 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor* residua
   a.eps = eps;
   a.pb_relax = pb_relax;
   a.f64 = acc == at::kDouble;
-  if (rows > 0) {
-    const int64_t grain = std::max<int64_t>(1, kForwardGrainElems / hidden);
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      COGVIEW_CPU_DISPATCH(layer_norm_forward, a, begin, end);
-    });
-  }
+  run_layer_norm_forward(a);
   return {out, normed, stats};
 }
 
@@ -235,6 +195,14 @@ at::Tensor backward(LayerNormBackwardArgs& a, at::ScalarType acc, const at::Tens
 }
 
 }  // namespace
+
+void run_layer_norm_forward(const LayerNormForwardArgs& a) {
+  if (a.rows == 0) return;
+  const int64_t grain = std::max<int64_t>(1, kForwardGrainElems / a.hidden);
+  at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
+    COGVIEW_CPU_DISPATCH(layer_norm_forward, a, begin, end);
+  });
+}
 
 // Entry points, also called directly by the fused decode step (csrc/cpu/cpu_ops.h).
 std::tuple<at::Tensor, at::Tensor> layer_norm_cpu(const at::Tensor& x, const at::Tensor& weight,

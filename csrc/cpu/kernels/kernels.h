@@ -242,6 +242,26 @@ struct LocalAttentionBackwardArgs {
   int64_t bands = 0;
 };
 
+// few_rows_linear: y[r] = x[r] W^T + b for the few rows of a decode step (r < rows <=
+// kFewRowsMax). With so few rows the product is a stream over W: each weight row is read once and
+// applied to every x row while it is in registers. x [rows][in] contiguous in x_type; weight
+// [out][in] contiguous and bias [out] (or nullptr) in weight_type; y [rows][out] contiguous in
+// y_type; accumulates in double when `f64`, else float. Each y element is summed in one fixed
+// order whatever `rows` and the split of outputs among threads, so a row's result does not depend
+// on the other rows of the call.
+constexpr int64_t kFewRowsMax = 4;
+struct FewRowsLinearArgs {
+  int64_t rows = 0, in = 0, out = 0;
+  const void* x = nullptr;
+  ElemType x_type = ElemType::f32;
+  const void* weight = nullptr;
+  const void* bias = nullptr;
+  ElemType weight_type = ElemType::f32;
+  void* y = nullptr;
+  ElemType y_type = ElemType::f32;
+  bool f64 = false;
+};
+
 #define COGVIEW_CPU_KERNEL_DECLARATIONS                                                           \
   /* Forward over rows [begin, end). */                                                           \
   void layer_norm_forward(const LayerNormForwardArgs& args, int64_t begin, int64_t end);          \
@@ -261,6 +281,8 @@ struct LocalAttentionBackwardArgs {
   /* gelu_tanh forward / backward over elements [begin, end). */                                  \
   void gelu_forward(const GeluArgs& args, int64_t begin, int64_t end);                            \
   void gelu_backward(const GeluArgs& args, int64_t begin, int64_t end);                           \
+  /* few_rows_linear over output features [begin, end). */                                        \
+  void few_rows_linear(const FewRowsLinearArgs& args, int64_t begin, int64_t end);                 \
   /* Local attention: blocking for this ISA; packing of (batch, head, row) items [begin, end); */ \
   /* forward over tasks [begin, end) (see local_attention_forward_tasks); backward of one     */ \
   /* (batch, head, band): it accumulates into the grad_k/grad_v rows that band touches.       */ \
