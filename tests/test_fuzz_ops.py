@@ -724,7 +724,7 @@ SD_VALID = {"none", "rows0", "packed"}
 
 @given(seed=st.integers(0, 2**31 - 1), fault=st.sampled_from(SD_FAULTS),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]), layers=st.integers(1, 2),
-       rows=st.integers(1, 3), heads=st.integers(1, 3), dim=st.integers(1, 6), mlp=st.integers(1, 12),
+       rows=st.integers(1, 5), heads=st.integers(1, 3), dim=st.integers(1, 6), mlp=st.integers(1, 12),
        max_len=st.integers(2, 9), specials=st.booleans(), layout=LAYOUTS)
 def test_sandwich_decode_step_fuzz(seed, fault, dtype, layers, rows, heads, dim, mlp, max_len, specials, layout):
     hidden, vocab, table = heads * dim, 11, 13
