@@ -176,3 +176,29 @@ def test_a_non_standard_model_keeps_the_module_path():
     mixed = _model()
     mixed.layers[0].eps = 1e-3
     assert lean_cpu_step(mixed, mixed.new_cache(1, 8)) is None
+
+
+def test_bound_step_checks_once_and_falls_back_with_the_full_checks():
+    model = _model(layers=2)
+    cache, tokens, positions, start = _prefilled(model, rows=2)
+    first = model.layers[0].input_layernorm
+    bound = dict(word_embeddings=model.word_embeddings.weight.detach(),
+                 position_embeddings=model.position_embeddings.weight.detach(),
+                 first_norm=(first.weight.detach(), first.bias.detach()), layer_params=_layer_params(model),
+                 num_heads=4, scale=0.25)
+    with pytest.raises(ValueError, match="`scale`"):
+        ops.bind_sandwich_decode_step(**{**bound, "scale": float("nan")}, k_cache=cache.k, v_cache=cache.v)
+    with pytest.raises(TypeError, match="`first_norm`"):
+        ops.bind_sandwich_decode_step(**{**bound, "first_norm": first.weight}, k_cache=cache.k, v_cache=cache.v)
+    caches = [_clone(cache) for _ in range(3)]
+    steps = [ops.bind_sandwich_decode_step(**bound, k_cache=c.k, v_cache=c.v) for c in caches]
+    with torch.inference_mode():
+        with pytest.raises(TypeError, match="`tokens`"):
+            steps[0](tokens.tolist(), positions, start)
+        with ops.force_reference():  # honoured per call, by steps bound before it too
+            want = ops.sandwich_decode_step(tokens, positions, start, **bound, k_cache=caches[1].k,
+                                            v_cache=caches[1].v)
+            assert torch.equal(steps[2](tokens, positions, start), want)
+        got = steps[0](tokens, positions, start)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(caches[0].k, caches[1].k, rtol=2e-5, atol=2e-5)
