@@ -33,58 +33,57 @@ at::Tensor unit_last(const at::Tensor& t, int64_t used) {
 
 }  // namespace
 
-void run_decode_attention(DecodeAttentionArgs& a) {
-  const int64_t batch = a.batch, heads = a.heads, n = a.n, dim = a.dim;
+void plan_decode_attention(DecodeAttentionArgs& a, DecodeAttentionPlan& plan) {
   const int64_t* len = a.lengths;
-  // Tasks (b, h, chunk), pair-major; partial slots only for the sequences that are split.
-  std::vector<int64_t> tasks, all_pairs, pair_first_task, chunk_base(batch, 0);
+  plan = DecodeAttentionPlan();
+  plan.chunk_base.assign(a.batch, 0);
   int64_t slots = 0;
-  for (int64_t b = 0; b < batch; ++b) {
+  for (int64_t b = 0; b < a.batch; ++b) {
     const int64_t chunks = (len[b] + kChunk - 1) / kChunk;
-    chunk_base[b] = slots;
-    if (chunks > 1) slots += heads * chunks;
-    for (int64_t h = 0; h < heads; ++h) {
-      pair_first_task.push_back(static_cast<int64_t>(tasks.size() / 3));
-      for (int64_t c = 0; c < chunks; ++c) tasks.insert(tasks.end(), {b, h, c});
-      all_pairs.insert(all_pairs.end(), {b, h});
+    plan.chunk_base[b] = slots;
+    if (chunks > 1) slots += a.heads * chunks;
+    for (int64_t h = 0; h < a.heads; ++h) {
+      plan.pair_first_task.push_back(plan.task_count());
+      for (int64_t c = 0; c < chunks; ++c) plan.tasks.insert(plan.tasks.end(), {b, h, c});
+      plan.pairs.insert(plan.pairs.end(), {b, h});
+      if (chunks > 1) plan.merge_pairs.insert(plan.merge_pairs.end(), {b, h});
     }
+    plan.work += len[b] * a.heads * a.n * a.dim;
   }
-  pair_first_task.push_back(static_cast<int64_t>(tasks.size() / 3));
-  at::Tensor partials;  // only when some sequence is split
-  if (slots > 0) partials = at::empty({slots * n * (dim + 2)}, a.f64 ? at::kDouble : at::kFloat);
+  plan.pair_first_task.push_back(plan.task_count());
+  if (slots > 0) plan.partials = at::empty({slots * a.n * (a.dim + 2)}, a.f64 ? at::kDouble : at::kFloat);
   a.chunk = kChunk;
-  a.chunk_base = chunk_base.data();
-  a.partials = slots > 0 ? partials.data_ptr() : nullptr;
-  const int64_t task_count = static_cast<int64_t>(tasks.size() / 3);
-  const int64_t pair_count = batch * heads;
-  int64_t work = 0;
-  for (int64_t b = 0; b < batch; ++b) work += len[b] * heads * n * dim;
-  if (work < kInlineWork || pair_count >= kPairsPerThread * at::get_num_threads()) {
+  a.chunk_base = plan.chunk_base.data();
+  a.partials = slots > 0 ? plan.partials.data_ptr() : nullptr;
+}
+
+void run_decode_attention(DecodeAttentionArgs& a) {
+  DecodeAttentionPlan plan;
+  plan_decode_attention(a, plan);
+  run_planned_decode_attention(a, plan);
+}
+
+void run_planned_decode_attention(const DecodeAttentionArgs& a, const DecodeAttentionPlan& plan) {
+  const int64_t pair_count = a.batch * a.heads;
+  if (plan.work < kInlineWork || pair_count >= kPairsPerThread * at::get_num_threads()) {
     // Enough (b, h) pairs to share out: one parallel region, each pair's chunks and merge in turn
     // (or all of them here, when the call is too small to share).
-    at::parallel_for(0, pair_count, work < kInlineWork ? pair_count : 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, pair_count, plan.work < kInlineWork ? pair_count : 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
-        const int64_t first = pair_first_task[p], last = pair_first_task[p + 1];
-        COGVIEW_CPU_DISPATCH(decode_attention_chunks, a, tasks.data(), first, last);
-        if (last - first > 1) COGVIEW_CPU_DISPATCH(decode_attention_merge, a, all_pairs.data(), p, p + 1);
+        const int64_t first = plan.pair_first_task[p], last = plan.pair_first_task[p + 1];
+        COGVIEW_CPU_DISPATCH(decode_attention_chunks, a, plan.tasks.data(), first, last);
+        if (last - first > 1) COGVIEW_CPU_DISPATCH(decode_attention_merge, a, plan.pairs.data(), p, p + 1);
       }
     });
     return;
   }
   // Few pairs (small batch, long caches): spread the chunks, then merge the split pairs.
-  at::parallel_for(0, task_count, 1, [&](int64_t begin, int64_t end) {
-    COGVIEW_CPU_DISPATCH(decode_attention_chunks, a, tasks.data(), begin, end);
+  at::parallel_for(0, plan.task_count(), 1, [&](int64_t begin, int64_t end) {
+    COGVIEW_CPU_DISPATCH(decode_attention_chunks, a, plan.tasks.data(), begin, end);
   });
-  std::vector<int64_t> merge_pairs;
-  for (int64_t p = 0; p < pair_count; ++p) {
-    if (pair_first_task[p + 1] - pair_first_task[p] > 1) {
-      merge_pairs.insert(merge_pairs.end(), {all_pairs[2 * p], all_pairs[2 * p + 1]});
-    }
-  }
-  const int64_t merge_count = static_cast<int64_t>(merge_pairs.size() / 2);
-  if (merge_count > 0) {
-    at::parallel_for(0, merge_count, 8, [&](int64_t begin, int64_t end) {
-      COGVIEW_CPU_DISPATCH(decode_attention_merge, a, merge_pairs.data(), begin, end);
+  if (plan.merge_count() > 0) {
+    at::parallel_for(0, plan.merge_count(), 8, [&](int64_t begin, int64_t end) {
+      COGVIEW_CPU_DISPATCH(decode_attention_merge, a, plan.merge_pairs.data(), begin, end);
     });
   }
 }

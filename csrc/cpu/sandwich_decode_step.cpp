@@ -205,6 +205,8 @@ struct Step {
   const at::Tensor* v_cache;
   void* result;  // [rows, hidden]: the final LayerNorm's output
   std::vector<double>* stats;  // room for (mean, rstd) x 2 per row, float64 included
+  DecodeAttentionArgs* attention;  // the same lengths in every layer: set up and planned once
+  const DecodeAttentionPlan* plan;
 };
 
 FewRowsLinearArgs few_rows_args(const Step& s, const void* x, const at::Tensor& weight, const at::Tensor& bias,
@@ -292,57 +294,50 @@ void norm(const Step& s, const void* residual, const void* x, const at::Tensor& 
   run_layer_norm_forward(a);
 }
 
-// Writes the new token's k and v (inside `qkv`) into the layer's caches at its slot, then attends
-// over slots 0..slot; `out` gets the context [rows, hidden].
-void attend(const Step& s, const char* qkv, int64_t layer, void* out) {
+char* layer_data(const at::Tensor& cache, int64_t layer, int64_t element) {
+  return static_cast<char*>(cache.data_ptr()) + layer * cache.stride(0) * element;
+}
+
+// Writes the new token's k and v (inside `qkv`) into the layer's caches at its slot and points the
+// attention at this layer; then the team attends over slots 0..slot, its (b, h, chunk) tasks
+// shared out, into ws->context.
+void attend(const Team& team, const Step& s, const char* qkv, int64_t layer) {
   const int64_t element = s.ws->element;
-  const auto layer_data = [&](const at::Tensor& cache) {
-    return static_cast<char*>(cache.data_ptr()) + layer * cache.stride(0) * element;
-  };
-  for (int64_t which = 1; which <= 2; ++which) {
-    const at::Tensor& cache = which == 1 ? *s.k_cache : *s.v_cache;
-    KvCacheWriteArgs w;
-    w.heads = s.heads;
-    w.n = 1;
-    w.dim = s.head_dim;
-    w.cache = layer_data(cache);
-    w.cache_type = s.type;
-    w.cache_stride_b = cache.stride(1);
-    w.cache_stride_h = cache.stride(2);
-    w.cache_stride_pos = cache.stride(3);
-    w.src = qkv + which * s.hidden * element;
-    w.src_type = s.type;
-    w.src_stride_b = 3 * s.hidden;
-    w.src_stride_h = s.head_dim;
-    w.src_stride_pos = s.hidden;  // (one position per row)
-    w.start = s.slot;
-    run_kv_cache_write(w, s.rows);
+  team.one([&] {
+    for (int64_t which = 1; which <= 2; ++which) {
+      const at::Tensor& cache = which == 1 ? *s.k_cache : *s.v_cache;
+      KvCacheWriteArgs w;
+      w.heads = s.heads;
+      w.n = 1;
+      w.dim = s.head_dim;
+      w.cache = layer_data(cache, layer, element);
+      w.cache_type = s.type;
+      w.cache_stride_b = cache.stride(1);
+      w.cache_stride_h = cache.stride(2);
+      w.cache_stride_pos = cache.stride(3);
+      w.src = qkv + which * s.hidden * element;
+      w.src_type = s.type;
+      w.src_stride_b = 3 * s.hidden;
+      w.src_stride_h = s.head_dim;
+      w.src_stride_pos = s.hidden;  // (one position per row)
+      w.start = s.slot;
+      run_kv_cache_write(w, s.rows);
+    }
+    s.attention->q = qkv;
+    s.attention->k = layer_data(*s.k_cache, layer, element);
+    s.attention->v = layer_data(*s.v_cache, layer, element);
+  });
+  const DecodeAttentionArgs& a = *s.attention;
+  const DecodeAttentionPlan& plan = *s.plan;
+  if (team.alone()) return run_planned_decode_attention(a, plan);
+  const auto [first, last] = team.part(plan.task_count(), 1);
+  if (first < last) COGVIEW_CPU_DISPATCH(decode_attention_chunks, a, plan.tasks.data(), first, last);
+  team.wait();
+  if (plan.merge_count() > 0) {
+    const auto [begin, end] = team.part(plan.merge_count(), 1);
+    if (begin < end) COGVIEW_CPU_DISPATCH(decode_attention_merge, a, plan.merge_pairs.data(), begin, end);
+    team.wait();
   }
-  DecodeAttentionArgs a;
-  a.batch = s.rows;
-  a.heads = s.heads;
-  a.n = 1;
-  a.dim = s.head_dim;
-  a.q = qkv;
-  a.q_type = s.type;
-  a.q_stride_b = 3 * s.hidden;
-  a.q_stride_h = s.head_dim;
-  a.q_stride_i = s.hidden;
-  a.k = layer_data(*s.k_cache);
-  a.v = layer_data(*s.v_cache);
-  a.kv_type = s.type;
-  a.k_stride_b = s.k_cache->stride(1);
-  a.k_stride_h = s.k_cache->stride(2);
-  a.k_stride_pos = s.k_cache->stride(3);
-  a.v_stride_b = s.v_cache->stride(1);
-  a.v_stride_h = s.v_cache->stride(2);
-  a.v_stride_pos = s.v_cache->stride(3);
-  a.lengths = s.lengths;
-  a.scale = s.scale;
-  a.out = out;
-  a.out_type = s.type;
-  a.f64 = s.type == ElemType::f64;
-  run_decode_attention(a);
 }
 
 // The layer stack, from the first layer's normed input (in ws->normed, residual stream in
@@ -354,7 +349,7 @@ void run_layers(const Team& team, const Step& s) {
     const at::Tensor* p = s.params + layer * kParamsPerLayer;
     at::Tensor keep, keep_up;  // (results of at::linear, team of one only)
     const char* qkv = static_cast<const char*>(project(team, s, ws.normed, 0, layer, ws.qkv, keep));
-    team.one([&] { attend(s, qkv, layer, ws.context); });
+    attend(team, s, qkv, layer);
     const void* branch = project(team, s, ws.context, 1, layer, ws.branch, keep);
     team.one([&] {
       norm(s, ws.residual[current], branch, p[kThirdWeight], p[kThirdBias], &p[kPostAttentionWeight],
@@ -441,9 +436,34 @@ at::Tensor sandwich_decode_step_cpu(const at::Tensor& tokens, const at::Tensor& 
   const int64_t mlp = params[kUpWeight].size(0);
   Workspace ws(rows, hidden, mlp, word_embeddings.options());
   std::vector<double> stats(static_cast<size_t>(rows) * 4);
-  Step s{params.data(), packed ? &*packed_weights : nullptr, packed_rows, rows, hidden, mlp, num_heads,
-         k_cache.size(4), layers, scale, eps, pb_relax, elem_type(word_embeddings, "word_embeddings"), &ws, slot,
-         lengths.data(), &k_work, &v_work, result.data_ptr(), &stats};
+  const ElemType type = elem_type(word_embeddings, "word_embeddings");
+  const int64_t head_dim = k_cache.size(4);
+  DecodeAttentionArgs attention;
+  attention.batch = rows;
+  attention.heads = num_heads;
+  attention.n = 1;
+  attention.dim = head_dim;
+  attention.q_type = type;
+  attention.q_stride_b = 3 * hidden;
+  attention.q_stride_h = head_dim;
+  attention.q_stride_i = hidden;
+  attention.kv_type = type;
+  attention.k_stride_b = k_work.stride(1);
+  attention.k_stride_h = k_work.stride(2);
+  attention.k_stride_pos = k_work.stride(3);
+  attention.v_stride_b = v_work.stride(1);
+  attention.v_stride_h = v_work.stride(2);
+  attention.v_stride_pos = v_work.stride(3);
+  attention.lengths = lengths.data();
+  attention.scale = scale;
+  attention.out = ws.context;
+  attention.out_type = type;
+  attention.f64 = type == ElemType::f64;
+  DecodeAttentionPlan plan;
+  plan_decode_attention(attention, plan);
+  Step s{params.data(), packed ? &*packed_weights : nullptr, packed_rows, rows, hidden, mlp, num_heads, head_dim,
+         layers, scale, eps, pb_relax, type, &ws, slot, lengths.data(), &k_work, &v_work, result.data_ptr(), &stats,
+         &attention, &plan};
   embed(tokens, positions, word_embeddings, position_embeddings, ws.residual[0], rows, hidden);
   norm(s, nullptr, ws.residual[0], first_weight, first_bias, nullptr, nullptr, ws.normed, nullptr);
 
