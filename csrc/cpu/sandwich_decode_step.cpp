@@ -195,12 +195,11 @@ struct Step {
   const at::Tensor* params;
   const std::vector<at::Tensor>* packed;  // or nullptr
   int64_t packed_rows, rows, hidden, mlp, heads, head_dim, layers;
-  double scale, eps;
+  double eps;
   bool pb_relax;
   ElemType type;
   Workspace* ws;
-  const int64_t* slot;     // [rows]: the new token's cache slot
-  const int64_t* lengths;  // [rows]: slot + 1
+  const int64_t* slot;  // [rows]: the new token's cache slot
   const at::Tensor* k_cache;  // [layers, rows, heads, max_len, head_dim], unit stride along head_dim
   const at::Tensor* v_cache;
   void* result;  // [rows, hidden]: the final LayerNorm's output
@@ -226,6 +225,19 @@ FewRowsLinearArgs few_rows_args(const Step& s, const void* x, const at::Tensor& 
   return a;
 }
 
+// The weight and bias of projection `which` (0 qkv, 1 dense, 2 up, 3 down) of `layer`.
+std::pair<const at::Tensor&, const at::Tensor&> projection(const Step& s, int64_t layer, int64_t which) {
+  static constexpr Param kWeights[4] = {kQkvWeight, kDenseWeight, kUpWeight, kDownWeight};
+  const at::Tensor* p = s.params + layer * kParamsPerLayer + kWeights[which];
+  return {p[0], p[1]};
+}
+
+// Whether a projection runs on cogview's few-rows kernel: few rows, no packed weights, contiguous
+// weight and bias.
+bool on_few_rows_kernel(const Step& s, const at::Tensor& weight, const at::Tensor& bias) {
+  return s.packed == nullptr && s.rows <= kFewRowsMax && weight.is_contiguous() && bias.is_contiguous();
+}
+
 // y = x W^T + b for the step's rows x [rows, in]. On a team: each thread its part of the outputs
 // (cogview's few-rows kernel). Alone: few rows and contiguous W, b: the same kernel, threaded by
 // itself. More rows: MKL's pre-packed sgemm when `packed` holds W packed for `packed_rows` rows (it
@@ -234,9 +246,7 @@ FewRowsLinearArgs few_rows_args(const Step& s, const void* x, const at::Tensor& 
 // Returns where the result is: `y`, or the data of `keep`, which holds it.
 const void* project(const Team& team, const Step& s, const void* x, int64_t which, int64_t layer, void* y,
                     at::Tensor& keep) {
-  static constexpr Param kWeights[4] = {kQkvWeight, kDenseWeight, kUpWeight, kDownWeight};
-  const at::Tensor& weight = s.params[layer * kParamsPerLayer + kWeights[which]];
-  const at::Tensor& bias = s.params[layer * kParamsPerLayer + kWeights[which] + 1];
+  const auto [weight, bias] = projection(s, layer, which);
   if (!team.alone()) {
     const FewRowsLinearArgs a = few_rows_args(s, x, weight, bias, y);
     const auto [begin, end] = team.part(a.out, 4);
@@ -245,7 +255,7 @@ const void* project(const Team& team, const Step& s, const void* x, int64_t whic
     return y;
   }
   const at::Tensor* packed = s.packed == nullptr ? nullptr : s.packed->data() + 4 * layer + which;
-  if (packed == nullptr && s.rows <= kFewRowsMax && weight.is_contiguous() && bias.is_contiguous()) {
+  if (on_few_rows_kernel(s, weight, bias)) {
     run_few_rows_linear(few_rows_args(s, x, weight, bias, y));
     return y;
   }
@@ -462,18 +472,17 @@ at::Tensor sandwich_decode_step_cpu(const at::Tensor& tokens, const at::Tensor& 
   DecodeAttentionPlan plan;
   plan_decode_attention(attention, plan);
   Step s{params.data(), packed ? &*packed_weights : nullptr, packed_rows, rows, hidden, mlp, num_heads, head_dim,
-         layers, scale, eps, pb_relax, type, &ws, slot, lengths.data(), &k_work, &v_work, result.data_ptr(), &stats,
-         &attention, &plan};
+         layers, eps, pb_relax, type, &ws, slot, &k_work, &v_work, result.data_ptr(), &stats, &attention, &plan};
   embed(tokens, positions, word_embeddings, position_embeddings, ws.residual[0], rows, hidden);
   norm(s, nullptr, ws.residual[0], first_weight, first_bias, nullptr, nullptr, ws.normed, nullptr);
 
   // One region for the whole stack when every projection is a few-rows product (see Team).
-  bool team = !packed && rows <= kFewRowsMax && at::get_num_threads() > 1 && !at::in_parallel_region();
-  for (int64_t i = 0; team && i < static_cast<int64_t>(params.size()); ++i) {
-    const int64_t kind = i % kParamsPerLayer;
-    const bool projection = kind == kQkvWeight || kind == kQkvBias || kind == kDenseWeight || kind == kDenseBias ||
-                            kind == kUpWeight || kind == kUpBias || kind == kDownWeight || kind == kDownBias;
-    team = !projection || params[i].is_contiguous();
+  bool team = at::get_num_threads() > 1 && !at::in_parallel_region();
+  for (int64_t layer = 0; team && layer < layers; ++layer) {
+    for (int64_t which = 0; team && which < 4; ++which) {
+      const auto [weight, bias] = projection(s, layer, which);
+      team = on_few_rows_kernel(s, weight, bias);
+    }
   }
 #ifdef _OPENMP
   if (team) {
