@@ -131,10 +131,13 @@ def main() -> None:
         ar32 = CogViewTransformer(trunk).to(device).eval()
         models = {dtype: (copy.deepcopy(sr32).to(dtype), copy.deepcopy(ar32).to(dtype)) for dtype in dtypes}
         # a stage with a pixel hint also reads the VQ-VAE's decode of the low-res codes: timed with it
+        # (channels-last on CPU, as cogview.pipeline.load_vqvae loads it)
         vqvae = (VQVAE(vqvae_presets["small-x4"].replace(image_size=h * config.pixel_hint,
                                                           downsample=config.pixel_hint,
                                                           codebook_size=config.transformer.image_tokens)).to(device).eval()
                  if config.pixel_hint else None)
+        if vqvae is not None and torch.device(device).type == "cpu":
+            vqvae = vqvae.to(memory_format=torch.channels_last)
         t = config.transformer
         g = torch.Generator().manual_seed(1)
         text = torch.randint(t.text_offset, t.text_offset + t.text_tokens, (text_len,), generator=g).tolist()

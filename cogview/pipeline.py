@@ -218,12 +218,19 @@ def load_transformer(path, *, device=None, dtype=None, verify: bool = True) -> C
                                      dtype_for=lambda name, stored: dtype, verify=verify)
 
 
-def load_vqvae(path, *, device=None, dtype=torch.float32, verify: bool = True) -> VQVAE:
+def load_vqvae(path, *, device=None, dtype=torch.float32, verify: bool = True,
+               channels_last: bool | None = None) -> VQVAE:
     """The VQ-VAE of a model directory (full or VQ-VAE-only). The convolutions are loaded in `dtype`
-    (default float32); the codebook buffers always in float32."""
+    (default float32); the codebook buffers always in float32.
+
+    channels_last (default: on CPU): store the convolution weights channels-last. CPU convolutions
+    then take oneDNN's channels-last kernels: the same values, and decoding a 32 x 32 image takes
+    about half the time (the SR stage's pixel hint decodes one per image)."""
     directory = _directory(path)
     dtype = dtype_from_name(dtype)
     device = torch.device("cpu") if device is None else torch.device(device)
+    if channels_last is None:
+        channels_last = device.type == "cpu"
 
     def dtype_for(name: str, stored: torch.dtype):
         return torch.float32 if name.startswith("quantizer.") else dtype
@@ -231,8 +238,9 @@ def load_vqvae(path, *, device=None, dtype=torch.float32, verify: bool = True) -
     with _open_component(directory, VQVAE_FILE) as source:
         with torch.device("meta"):
             model = VQVAE(directory.vqvae_config)
-        return load_into_meta_module(model, source, what=str(source.path), device=device, dtype_for=dtype_for,
-                                     verify=verify)
+        model = load_into_meta_module(model, source, what=str(source.path), device=device, dtype_for=dtype_for,
+                                      verify=verify)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def load_tokenizer(path) -> CogViewTokenizer:

@@ -165,6 +165,20 @@ def test_component_loaders_and_vqvae_only_directories(tmp_path):
     vq = load_vqvae(vq_dir)
     assert isinstance(vq, VQVAE)
     assert_states_equal(model.vqvae.state_dict(), vq.state_dict())
+    # on CPU the convolutions are loaded channels-last (a faster kernel, the same images); on request not
+    def spatial_conv(vqvae):  # (a 1x1 kernel is contiguous in both layouts)
+        return next(m.weight for m in vqvae.decoder.modules() if getattr(m, "kernel_size", (1, 1)) != (1, 1))
+
+    assert spatial_conv(vq).is_contiguous(memory_format=torch.channels_last) and not spatial_conv(vq).is_contiguous()
+    plain = load_vqvae(vq_dir, channels_last=False)
+    assert spatial_conv(plain).is_contiguous()
+    codes = torch.randint(0, CONFIG.vqvae.codebook_size, (2, 4, 4), generator=torch.Generator().manual_seed(0))
+    images = torch.rand(2, 3, CONFIG.vqvae.image_size, CONFIG.vqvae.image_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(vq.decode(codes), plain.decode(codes), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(vq.encode(images), plain.encode(images), rtol=0, atol=0)
+    save_model_dir(tmp_path / "vq-again", vqvae=vq)  # channels-last weights save like any others
+    assert_states_equal(model.vqvae.state_dict(), load_vqvae(tmp_path / "vq-again").state_dict())
     with pytest.raises(CheckpointNotFoundError, match="VQ-VAE only"):
         CogView.from_pretrained(vq_dir)
     # state dicts (e.g. gathered from FSDP) need the config

@@ -92,7 +92,7 @@ class VQVAETrainer(Trainer):
 
             if c.model_overrides:
                 raise ValueError("--model-overrides cannot change a model loaded with --init")
-            vqvae = load_vqvae(c.init)
+            vqvae = load_vqvae(c.init, channels_last=False)  # trains in the layout a preset run trains in
             self.log(f"initialised from {c.init}")
         else:
             overrides = dict(c.model_overrides)
