@@ -37,6 +37,7 @@ every pass commits more cells. CogView2's default: 6x6 tiles, 23, 19, 15, 10, 6,
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -221,6 +222,12 @@ def tile_order(tile: tuple[int, int]) -> torch.Tensor:
     """int64 [th * tw]: the rank of each tile cell (raster index) in the commit order: a farthest-point
     order on the tile torus (cell 0 first; each next cell the one farthest from all chosen so far,
     lowest index on ties), so any prefix of the order is spread over the tile and its neighbours."""
+    return torch.tensor(_tile_ranks(tuple(tile)), dtype=torch.long)
+
+
+@functools.lru_cache(maxsize=32)
+def _tile_ranks(tile: tuple[int, int]) -> tuple[int, ...]:
+    # (computed once per tile shape: every upscale call builds its masks from it)
     th, tw = tile
     n = th * tw
     rows = torch.arange(n) // tw
@@ -236,7 +243,7 @@ def tile_order(tile: tuple[int, int]) -> torch.Tensor:
         nearest = torch.minimum(nearest, dist[current])
         candidates = torch.where(rank < 0, nearest, torch.full_like(nearest, -1))
         current = int(torch.argmax(candidates))  # first maximum: lowest index on ties
-    return rank
+    return tuple(rank.tolist())
 
 
 def refinement_masks(config: SuperResolutionConfig, schedule: tuple[int, ...] | None = None) -> torch.Tensor:
