@@ -799,22 +799,25 @@ void forward_parents(const LocalAttentionForwardArgs& a, Scratch<T>& sc, ParentS
       int nseg = 0;
       int64_t n = 0;
       constexpr int64_t VL = Vec<T>::L;
+      // (strides in locals: the copies below store through T*, which could alias the plan's fields)
+      const int64_t src_stride = p.row_width, dst_stride = ps.stride;
+      T* keys = ps.keys.data();
       for (int64_t r = r_lo; r <= r_hi; ++r, n += cols) {
         // (a transposed key row has >= strip >= VL columns right of the grid, so the vector read
         // from c_lo stays inside it)
         const T* src = kt_bh + r * key_row + p.pad + c_lo;
-        T* dst = ps.keys.data() + n;
+        T* dst = keys + n;
         for (int64_t d = 0; d < depth; ++d) {
           if (cols <= VL) {
-            std::memcpy(dst + d * ps.stride, src + d * p.row_width, VL * sizeof(T));
+            Vec<T>::store(dst + d * dst_stride, Vec<T>::load(src + d * src_stride));
           } else {
-            std::copy(src + d * p.row_width, src + d * p.row_width + cols, dst + d * ps.stride);
+            std::copy(src + d * src_stride, src + d * src_stride + cols, dst + d * dst_stride);
           }
         }
         segs[nseg++] = {v_bh + (r * s.k_w + c_lo) * a.v_sn, a.v_sn, n, cols};
       }
       const int64_t nvec = (n + L - 1) / L;
-      for (int64_t d = 0; d < depth; ++d) std::memset(ps.keys.data() + d * ps.stride + n, 0, VL * sizeof(T));
+      for (int64_t d = 0; d < depth; ++d) Vec<T>::store(keys + d * dst_stride + n, Vec<T>::zero());
 
       ps.queries.clear();
       for (int64_t y = std::max(py * sh, y0); y < std::min(py * sh + sh, y1); ++y) {
