@@ -1,41 +1,18 @@
-// gelu_tanh forward and backward: compiled once per ISA, see kernels.h.
-//
-// gelu(x) = x * sigmoid(2u), u = sqrt(2/pi) * (x + 0.044715 x^3): the same function as
-// 0.5 x (1 + tanh(u)), written through one exp of a non-positive argument (vec_math.h) so that
-// the loops vectorize without libm calls and nothing overflows: with e = exp(-|2u|),
-// sigmoid(2u) = 1 / (1 + e) for u >= 0 and e / (1 + e) otherwise, and
+// gelu_tanh forward and backward: compiled once per ISA, see kernels.h. The forward's math is
+// in gelu_math.h; with e = exp(-|2u|) as there,
 // d/dx gelu = sigmoid(2u) + 2 x u' sigmoid(2u) (1 - sigmoid(2u)), sigmoid (1 - sigmoid) = e / (1 + e)^2.
 #include "cpu/kernels/kernels.h"
-#include "cpu/kernels/vec_math.h"
+#include "cpu/kernels/gelu_math.h"
 
 namespace cogview::cpu::COGVIEW_ISA {
 namespace {
 
 constexpr int64_t kBlock = 512;  // elements converted to the accumulator type at a time (in L1)
 
-template <typename acc_t>
-struct Coefficients {
-  static constexpr acc_t kBeta = static_cast<acc_t>(0.79788456080286535588);  // sqrt(2 / pi)
-  static constexpr acc_t kKappa = static_cast<acc_t>(0.044715);
-};
-
-template <typename acc_t>
-void forward_block(acc_t* __restrict x, int64_t n) {
-  using C = Coefficients<acc_t>;
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t v = x[i];
-    const acc_t z = static_cast<acc_t>(2) * C::kBeta * (v + C::kKappa * v * v * v);
-    const acc_t e = exp_nonpositive(z > 0 ? -z : z);
-    const acc_t s = (z >= 0 ? static_cast<acc_t>(1) : e) / (static_cast<acc_t>(1) + e);
-    x[i] = v * s;
-  }
-}
-
 // grad [n] in, x [n] in; grad becomes grad * gelu'(x).
 template <typename acc_t>
 void backward_block(acc_t* __restrict grad, const acc_t* __restrict x, int64_t n) {
-  using C = Coefficients<acc_t>;
+  using C = GeluCoefficients<acc_t>;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const acc_t v = x[i];
@@ -57,7 +34,7 @@ void forward(const GeluArgs& a, int64_t begin, int64_t end) {
   for (int64_t start = begin; start < end; start += kBlock) {
     const int64_t n = end - start < kBlock ? end - start : kBlock;
     load_row(buffer, static_cast<const char*>(a.x) + start * in_size, a.x_type, n);
-    forward_block(buffer, n);
+    gelu_forward_block(buffer, n);
     store_row(static_cast<char*>(a.out) + start * out_size, buffer, a.out_type, n);
   }
 }
