@@ -7,6 +7,7 @@
 
 #include "build_info.h"
 #include "cpu/isa.h"
+#include "cpu/linear.h"
 
 TORCH_LIBRARY(cogview, m) {
   // Sandwich LayerNorm. `stats` holds (mean, rstd) per row and LayerNorm, for the backward.
@@ -49,6 +50,12 @@ TORCH_LIBRARY(cogview, m) {
   m.def("sample_tokens(Tensor logits, Tensor seed, Tensor offset, Tensor? temperature=None,"
         " Tensor? top_k=None, Tensor? top_p=None, float temperature_value=1.0, int top_k_value=0,"
         " float top_p_value=1.0, int vocab_lo=0, int vocab_hi=-1, Tensor(a!)? invalid=None) -> Tensor");
+  // y = activation(x W^T + b) (cogview/ops/linear.py); activation "none" or "gelu_tanh".
+  // packed_weight: optional pack_linear_weight(weight), the AMX tile layout (a speed hint, read only
+  // where the tile products run; it must be the packing of this `weight`).
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias=None, str activation=\"none\","
+        " Tensor? packed_weight=None) -> Tensor");
+  m.def("pack_linear_weight(Tensor weight) -> Tensor");
   // Local (2D neighbourhood) attention with optional joint text keys (CogView2). `lse` is the
   // natural log of the softmax denominator per query (float32; float64 for float64 inputs).
   m.def("local_attention(Tensor q, Tensor k, Tensor v, int[2] grid_q, int[2] grid_kv, int[2] window,"
@@ -101,4 +108,6 @@ PYBIND11_MODULE(_C, m) {
         "Instruction sets compiled into this build that this CPU can run.");
   m.def("set_cpu_isa", &cogview::cpu::set_active_isa, pybind11::arg("name"),
         "Switch the CPU kernels to another compiled, supported instruction set.");
+  m.def("tile_linear_available", &cogview::cpu::tile_linear_available,
+        "Whether cogview::linear runs bfloat16 products on the AMX matrix tiles now.");
 }

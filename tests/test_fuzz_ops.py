@@ -39,7 +39,7 @@ AGREE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bf
 _NAMED = re.compile(r"`[\w\[\]]+`|argument '\w+'")
 
 FUZZED = {"layer_norm", "add_layer_norm", "kv_cache_write", "decode_attention", "sample_tokens", "local_attention",
-          "sandwich_decode_step", "gelu_tanh"}
+          "sandwich_decode_step", "gelu_tanh", "linear"}
 
 
 def test_every_public_op_is_fuzzed():
@@ -251,6 +251,68 @@ def test_gelu_tanh_fuzz(seed, fault, dtype, layout, specials, shape, backward):
         _agree(kernel[1][0], ref[1][0])
         if kernel[1][1] is not None:
             _agree(kernel[1][1], ref[1][1], "grad")
+
+
+# ---------------------------------------------------------------------------------------------
+# linear
+# ---------------------------------------------------------------------------------------------
+
+LIN_FAULTS = ["none", "none", "none", "rows0", "out0", "in0", "x_rank0", "x_int", "x_list", "weight_int",
+              "weight_other_float", "weight_rank", "in_mismatch", "bias_len", "bias_rank", "bias_other_float",
+              "activation_bad", "activation_int", "weight_meta", "all_meta"]
+LIN_VALID = {"none", "rows0", "out0", "in0", "all_meta"}
+
+
+@given(seed=st.integers(0, 2**31 - 1), fault=st.sampled_from(LIN_FAULTS), dtype=st.sampled_from(FLOATS),
+       layout=LAYOUTS, specials=st.booleans(), lead=st.lists(st.integers(1, 40), min_size=1, max_size=2),
+       features=st.sampled_from([1, 7, 32, 64, 96]), out=st.sampled_from([1, 5, 32, 64]), bias=st.booleans(),
+       gelu=st.booleans())
+def test_linear_fuzz(seed, fault, dtype, layout, specials, lead, features, out, bias, gelu):
+    activation = "gelu_tanh" if gelu else "none"
+
+    def make():
+        rows = 0 if fault == "rows0" else lead[-1]
+        n_in = 0 if fault == "in0" else features
+        n_out = 0 if fault == "out0" else out
+        x = _tensor(seed, [*lead[:-1], rows, n_in], dtype, layout, specials, (0,))
+        w = _tensor(seed + 1, [n_out, n_in], dtype, layout) / max(1, n_in) ** 0.5
+        b = _tensor(seed + 2, [n_out], dtype, "contiguous") if bias else None
+        act = activation
+        if fault == "x_rank0":
+            x = x.reshape(-1)[0] if x.numel() else torch.tensor(1.0, dtype=dtype)
+        elif fault == "x_int":
+            x = torch.ones(*lead, n_in, dtype=torch.int64)
+        elif fault == "x_list":
+            x = x.tolist()
+        elif fault == "weight_int":
+            w = torch.ones(n_out, n_in, dtype=torch.int64)
+        elif fault == "weight_other_float":
+            w = w.to(torch.float64 if dtype != torch.float64 else torch.float32)
+        elif fault == "weight_rank":
+            w = w.reshape(-1)
+        elif fault == "in_mismatch":
+            w = torch.ones(n_out, n_in + 1, dtype=dtype)
+        elif fault == "bias_len":
+            b = torch.ones(n_out + 1, dtype=dtype)
+        elif fault == "bias_rank":
+            b = torch.ones(1, n_out, dtype=dtype)
+        elif fault == "bias_other_float":
+            b = torch.ones(n_out, dtype=torch.float64 if dtype != torch.float64 else torch.float32)
+        elif fault == "activation_bad":
+            act = "relu"
+        elif fault == "activation_int":
+            act = 1
+        elif fault == "weight_meta":
+            w = torch.empty(n_out, n_in, dtype=dtype, device="meta")
+        elif fault == "all_meta":
+            x, w = x.to("meta"), w.to("meta")
+            b = None if b is None else b.to("meta")
+        return ops.linear(x, w, b, act)
+
+    kernel, ref = _both(make)
+    assert (kernel[0] == "ok") == (fault in LIN_VALID), (fault, kernel)
+    if kernel[0] == "ok" and fault != "all_meta":
+        _agree(kernel[1], ref[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -865,6 +927,10 @@ DIRECT_CALLS = {
         [_f(24, 8), _f(24), _f(8, 8), _f(8)] + [_f(8)] * 4 + [_f(16, 8), _f(16), _f(8, 16)] + [_f(8)] * 5,
         _f(1, 1, 2, 4, 4), _f(1, 1, 2, 4, 4), 2, 0.5, 1e-5, False),
     "gelu_tanh integer x": lambda: _L.gelu_tanh(torch.ones(3, dtype=torch.long)),
+    "linear bad activation": lambda: _L.linear(_f(2, 8), _f(4, 8), None, "relu", None),
+    "linear wrong packed weight": lambda: _L.linear(
+        _f(2, 32, dtype=torch.bfloat16), _f(32, 32, dtype=torch.bfloat16), None, "none", _f(3, dtype=torch.bfloat16)),
+    "pack_linear_weight odd features": lambda: _L.pack_linear_weight(_f(32, 20, dtype=torch.bfloat16)),
     "gelu_tanh_backward grad shape": lambda: _L.gelu_tanh_backward(_f(4), _f(3)),
     "sample_tokens vocab_hi past vocab": lambda: _L.sample_tokens(
         _f(2, 8), torch.tensor(1), torch.tensor(0), None, None, None, 1.0, 0, 1.0, 0, 9, None),
@@ -927,6 +993,11 @@ SWEEPS = {
              top_k=0, top_p=1.0, sub_range=False, with_invalid=False, draw_seed=1, offset=0),
         dict(seed=8, dtype=torch.float16, layout="transposed", rows=4, vocab=37, specials=True, temperature=0.7,
              top_k=5, top_p=0.5, sub_range=True, with_invalid=True, draw_seed=-5, offset=2**63)]),
+    "linear": (test_linear_fuzz, LIN_FAULTS, [
+        dict(seed=15, dtype=torch.bfloat16, layout="contiguous", specials=False, lead=[37], features=64, out=32,
+             bias=True, gelu=True),
+        dict(seed=16, dtype=torch.float32, layout="transposed", specials=True, lead=[2, 5], features=7, out=5,
+             bias=False, gelu=False)]),
     "gelu_tanh": (test_gelu_tanh_fuzz, GELU_FAULTS, [
         dict(seed=13, dtype=torch.float32, layout="contiguous", specials=False, shape=[3, 5], backward=True),
         dict(seed=14, dtype=torch.bfloat16, layout="strided", specials=True, shape=[2, 7, 3], backward=False)]),

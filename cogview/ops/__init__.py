@@ -15,6 +15,7 @@ from cogview.ops.decoding import (
 )
 from cogview.ops.activation import gelu_tanh
 from cogview.ops.layer_norm import add_layer_norm, layer_norm
+from cogview.ops.linear import linear, linear_activations, pack_linear_weight, tile_linear_available
 from cogview.ops.local_attention import local_attention
 from cogview.ops.sampling import sample_tokens
 
@@ -22,6 +23,10 @@ __all__ = [
     "layer_norm",
     "add_layer_norm",
     "gelu_tanh",
+    "linear",
+    "linear_activations",
+    "pack_linear_weight",
+    "tile_linear_available",
     "kv_cache_write",
     "decode_attention",
     "sandwich_decode_step",

@@ -17,6 +17,7 @@ PUBLIC_OPS = (
     "layer_norm",
     "add_layer_norm",
     "gelu_tanh",
+    "linear",
     "local_attention",
     "kv_cache_write",
     "decode_attention",

@@ -23,6 +23,12 @@ def gelu_tanh(x):
     return F.gelu(x.to(_accumulator(x)), approximate="tanh").to(x.dtype)
 
 
+def linear(x, weight, bias=None, activation="none"):
+    """F.linear in the inputs' dtype (as torch computes it), then `gelu_tanh` when asked."""
+    y = F.linear(x, weight, bias)
+    return gelu_tanh(y) if activation == "gelu_tanh" else y
+
+
 # ---------------------------------------------------------------------------------------------
 # Sandwich LayerNorm
 # ---------------------------------------------------------------------------------------------

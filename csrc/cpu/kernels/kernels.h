@@ -262,6 +262,32 @@ struct FewRowsLinearArgs {
   bool f64 = false;
 };
 
+// tile_linear: y = act(x W^T + b) in bfloat16 on the AMX matrix tiles (Sapphire Rapids and later),
+// accumulating in float and rounding once, after the bias and the activation (gelu_tanh when
+// `gelu`). x [rows][in] and y [rows][out] contiguous; `packed` is W [out][in] in the tile layout
+// of tile_linear_pack; bias [out] or nullptr. `in` and `out` are multiples of kTileLinearK and
+// kTileLinearN. Only the avx512 build carries the tile code (the tile instructions are enabled
+// per function); the caller checks that the CPU has AMX and that Linux granted the tile state.
+constexpr int64_t kTileLinearRows = 32;  // rows per task (two tiles of 16)
+constexpr int64_t kTileLinearK = 32;     // input features per tile step (a tile row: 32 bf16)
+constexpr int64_t kTileLinearN = 32;     // output features per block (two tiles of 16)
+struct TileLinearArgs {
+  int64_t rows = 0, in = 0, out = 0;
+  const uint16_t* x = nullptr;
+  const uint16_t* packed = nullptr;
+  const uint16_t* bias = nullptr;
+  uint16_t* y = nullptr;
+  bool gelu = false;
+};
+// The tile layout of W [out][in]: [out / 16][in / 32][16][16][2], block (n, k) holding, for
+// weight rows 16n + j and input pair 16k + i, the two bf16 at [i][j] (the pair-interleaved "VNNI"
+// form the tile product reads as its right operand).
+struct TileLinearPackArgs {
+  int64_t in = 0, out = 0;
+  const uint16_t* weight = nullptr;
+  uint16_t* packed = nullptr;
+};
+
 #define COGVIEW_CPU_KERNEL_DECLARATIONS                                                           \
   /* Forward over rows [begin, end). */                                                           \
   void layer_norm_forward(const LayerNormForwardArgs& args, int64_t begin, int64_t end);          \
@@ -283,6 +309,10 @@ struct FewRowsLinearArgs {
   void gelu_backward(const GeluArgs& args, int64_t begin, int64_t end);                           \
   /* few_rows_linear over output features [begin, end). */                                        \
   void few_rows_linear(const FewRowsLinearArgs& args, int64_t begin, int64_t end);                 \
+  /* tile_linear over blocks of kTileLinearRows rows [begin, end); false (nothing written) in */ \
+  /* the builds without tile code. tile_linear_pack over blocks of 16 weight rows.           */ \
+  bool tile_linear(const TileLinearArgs& args, int64_t begin, int64_t end);                        \
+  void tile_linear_pack(const TileLinearPackArgs& args, int64_t begin, int64_t end);               \
   /* Local attention: blocking for this ISA; packing of (batch, head, row) items [begin, end); */ \
   /* forward over tasks [begin, end) (see local_attention_forward_tasks); backward of one     */ \
   /* (batch, head, band): it accumulates into the grad_k/grad_v rows that band touches.       */ \

@@ -1,0 +1,159 @@
+// tile_linear and its weight packing: compiled once per ISA, see kernels.h.
+//
+// A task takes 32 rows of x (two 16-row tiles) and walks the output features 32 at a time: four
+// float accumulator tiles (2 x 2) sum the bf16 tile products over the input features, 32 at a
+// time; the block then goes through L1, where the bias and the activation are applied and it is
+// rounded to bf16 once. The eight tile registers: 4 accumulators, 2 of x, 2 of the weight.
+// A last block of fewer than 32 rows is copied into a zeroed one first, so every tile load reads
+// 16 whole rows. Only the avx512 build has this code; the tile instructions are enabled per
+// function, so the rest of that build keeps plain AVX-512 and runs on CPUs without AMX.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__x86_64__)
+#include <immintrin.h>
+#define COGVIEW_TILE_CODE 1
+#endif
+
+#include "cpu/kernels/gelu_math.h"
+#include "cpu/kernels/kernels.h"
+
+namespace cogview::cpu::COGVIEW_ISA {
+namespace {
+
+constexpr int64_t kTile = 16;  // rows of a tile; a weight tile's 16 columns
+
+#if defined(COGVIEW_TILE_CODE)
+// float -> bf16 bits (in 32-bit lanes) exactly as float_to_bf16 rounds: to nearest even, NaN to
+// the quiet NaN.
+inline __m512i bf16_bits(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+}
+
+inline __m512 load_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+// Bias, activation and rounding of one block c [rows][32] (float) into y (row stride y_stride).
+void finish_block(float* c, int64_t rows, const uint16_t* bias, bool gelu, uint16_t* y, int64_t y_stride) {
+  static_assert(kTileLinearN == 32, "a block row is two vectors");
+  const __m512 b0 = bias != nullptr ? load_bf16(bias) : _mm512_setzero_ps();
+  const __m512 b1 = bias != nullptr ? load_bf16(bias + 16) : _mm512_setzero_ps();
+  if (gelu) {  // the activation sees the biased sum; it runs over the whole block at once
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = c + r * kTileLinearN;
+      _mm512_store_ps(row, _mm512_add_ps(_mm512_load_ps(row), b0));
+      _mm512_store_ps(row + 16, _mm512_add_ps(_mm512_load_ps(row + 16), b1));
+    }
+    gelu_forward_block(c, rows * kTileLinearN);
+  }
+  const __m512 a0 = gelu ? _mm512_setzero_ps() : b0, a1 = gelu ? _mm512_setzero_ps() : b1;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = c + r * kTileLinearN;
+    uint16_t* out = y + r * y_stride;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                        _mm512_cvtepi32_epi16(bf16_bits(_mm512_add_ps(_mm512_load_ps(row), a0))));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16),
+                        _mm512_cvtepi32_epi16(bf16_bits(_mm512_add_ps(_mm512_load_ps(row + 16), a1))));
+  }
+}
+
+// The tile shapes of `ldtilecfg` (palette 1): tiles 0-7 of 16 rows of 64 bytes. A constant in
+// memory: GCC drops stores to a stack copy that only `ldtilecfg` reads.
+struct alignas(64) TileConfig {
+  uint8_t palette;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+constexpr TileConfig kTileConfig = {1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64},
+                                    {kTile, kTile, kTile, kTile, kTile, kTile, kTile, kTile}};
+
+__attribute__((target("amx-tile"))) void configure_tiles() { _tile_loadconfig(&kTileConfig); }
+
+__attribute__((target("amx-tile"))) void release_tiles() { _tile_release(); }
+
+// c [32][32] = x [32][in] (row stride x_bytes) times two packed weight blocks' columns.
+__attribute__((target("amx-tile,amx-bf16"))) void block_product(const uint16_t* x, int64_t x_bytes,
+                                                                 const uint16_t* w0, const uint16_t* w1,
+                                                                 int64_t k_steps, float* c) {
+  constexpr int64_t kStep = kTileLinearK * kTile;  // bf16 per packed weight tile
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const uint16_t* x1 = x + kTile * (x_bytes / 2);
+  for (int64_t k = 0; k < k_steps; ++k) {
+    _tile_loadd(4, x + k * kTileLinearK, x_bytes);
+    _tile_loadd(5, x1 + k * kTileLinearK, x_bytes);
+    _tile_loadd(6, w0 + k * kStep, 64);
+    _tile_loadd(7, w1 + k * kStep, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  constexpr int64_t kRowBytes = kTileLinearN * sizeof(float);
+  _tile_stored(0, c, kRowBytes);
+  _tile_stored(1, c + kTile, kRowBytes);
+  _tile_stored(2, c + kTile * kTileLinearN, kRowBytes);
+  _tile_stored(3, c + kTile * kTileLinearN + kTile, kRowBytes);
+}
+#endif
+
+}  // namespace
+
+void tile_linear_pack(const TileLinearPackArgs& a, int64_t begin, int64_t end) {
+  const int64_t k_steps = a.in / kTileLinearK;
+  for (int64_t nb = begin; nb < end; ++nb) {
+    for (int64_t k = 0; k < k_steps; ++k) {
+      uint16_t* tile = a.packed + (nb * k_steps + k) * kTileLinearK * kTile;
+      for (int64_t i = 0; i < kTile; ++i) {      // input pair 16k + i
+        for (int64_t j = 0; j < kTile; ++j) {    // weight row 16nb + j
+          const uint16_t* src = a.weight + (nb * kTile + j) * a.in + k * kTileLinearK + 2 * i;
+          tile[(i * kTile + j) * 2] = src[0];
+          tile[(i * kTile + j) * 2 + 1] = src[1];
+        }
+      }
+    }
+  }
+}
+
+bool tile_linear(const TileLinearArgs& a, int64_t begin, int64_t end) {
+#if defined(COGVIEW_TILE_CODE)
+  const int64_t k_steps = a.in / kTileLinearK, n_blocks = a.out / kTileLinearN;
+  const int64_t weight_block = k_steps * kTileLinearK * kTile;  // bf16 per 16 weight rows
+  alignas(64) float c[kTileLinearRows * kTileLinearN];
+  std::vector<uint16_t> last;
+  configure_tiles();
+  for (int64_t mb = begin; mb < end; ++mb) {
+    const int64_t r0 = mb * kTileLinearRows, rows = std::min(kTileLinearRows, a.rows - r0);
+    const uint16_t* x = a.x + r0 * a.in;
+    if (rows < kTileLinearRows) {
+      last.assign(kTileLinearRows * a.in, 0);
+      std::memcpy(last.data(), x, rows * a.in * sizeof(uint16_t));
+      x = last.data();
+    }
+    for (int64_t nb = 0; nb < n_blocks; ++nb) {
+      const uint16_t* w0 = a.packed + 2 * nb * weight_block;
+      block_product(x, a.in * static_cast<int64_t>(sizeof(uint16_t)), w0, w0 + weight_block, k_steps, c);
+      finish_block(c, rows, a.bias != nullptr ? a.bias + nb * kTileLinearN : nullptr, a.gelu,
+                   a.y + r0 * a.out + nb * kTileLinearN, a.out);
+    }
+  }
+  release_tiles();
+  return true;
+#else
+  (void)a;
+  (void)begin;
+  (void)end;
+  return false;
+#endif
+}
+
+}  // namespace cogview::cpu::COGVIEW_ISA
