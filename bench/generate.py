@@ -45,8 +45,12 @@ def _ln(x, norm):
     return F.layer_norm(x, norm.weight.shape, norm.weight, norm.bias, norm.eps)
 
 
-def _mlp(mlp, x):  # written out: the model's MLP calls cogview.ops.gelu_tanh
-    return mlp.dense_4h_to_h(F.gelu(mlp.dense_h_to_4h(x), approximate="tanh"))
+def _linear(module, x):  # written out: the model's projections call cogview.ops.linear
+    return F.linear(x, module.weight, module.bias)
+
+
+def _mlp(mlp, x):  # written out: the model's MLP fuses cogview's GELU into its first projection
+    return _linear(mlp.dense_4h_to_h, F.gelu(_linear(mlp.dense_h_to_4h, x), approximate="tanh"))
 
 
 @torch.inference_mode()
@@ -65,14 +69,14 @@ def plain_generate(model: CogViewTransformer, prompt: torch.Tensor, num_codes: i
         h = model.word_embeddings(tokens) + model.position_embeddings(positions)[None]
         for i, layer in enumerate(model.layers):
             attn = layer.attention
-            qkv = attn.query_key_value(_ln(h, layer.input_layernorm)).view(batch, n, 3, heads, head_dim)
+            qkv = _linear(attn.query_key_value, _ln(h, layer.input_layernorm)).view(batch, n, 3, heads, head_dim)
             q, k, v = qkv.permute(2, 0, 3, 1, 4)
             if caches[i] is not None:
                 k = torch.cat([caches[i][0], k], dim=2)
                 v = torch.cat([caches[i][1], v], dim=2)
             caches[i] = (k, v)
             a = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1)
-            a = attn.dense(a.transpose(1, 2).reshape(batch, n, -1))
+            a = _linear(attn.dense, a.transpose(1, 2).reshape(batch, n, -1))
             h = h + _ln(a, layer.third_layernorm)
             m = _mlp(layer.mlp, _ln(h, layer.post_attention_layernorm))
             h = h + _ln(m, layer.fourth_layernorm)

@@ -559,7 +559,7 @@ class SuperResolutionTransformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [..., H] -> logits over the image codes [..., image_tokens] (tied head)."""
-        return F.linear(hidden, self.word_embeddings.weight[: self.config.transformer.image_tokens])
+        return ops.linear(hidden, self.word_embeddings.weight[: self.config.transformer.image_tokens])
 
     def high_res_logits(self, context: SRContext, high_tokens: torch.Tensor) -> torch.Tensor:
         return self.logits(self.high_res_hidden(context, high_tokens))

@@ -211,14 +211,36 @@ class LayerNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}, pb_relax={self.pb_relax}"
 
 
+class Linear(nn.Linear):
+    """nn.Linear computed by `cogview.ops.linear` (bf16 on the CPU's AMX tiles where it has them), with
+    an optional activation applied to its output in the same pass ("gelu_tanh" for the MLP's first
+    projection). Parameters, state-dict keys and module hooks are nn.Linear's."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, activation: str = "none",
+                 device=None, dtype=None):
+        if activation not in ops.linear_activations():
+            raise ValueError(f"Linear: `activation` must be one of {ops.linear_activations()}, got {activation!r}")
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation != "none" and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            # training: keep the pre-activation for the backward (the fused op would recompute it)
+            return ops.gelu_tanh(ops.linear(x, self.weight, self.bias))
+        return ops.linear(x, self.weight, self.bias, self.activation)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", activation={self.activation}" if self.activation != "none" else "")
+
+
 class SelfAttention(nn.Module):
     """query_key_value [3H, H] -> attention_fn per head -> dense [H, H]."""
 
     def __init__(self, config: TransformerConfig, layer_index: int, *, device=None, dtype=None):
         super().__init__()
         h = config.hidden_size
-        self.query_key_value = nn.Linear(h, 3 * h, device=device, dtype=dtype)
-        self.dense = nn.Linear(h, h, device=device, dtype=dtype)
+        self.query_key_value = Linear(h, 3 * h, device=device, dtype=dtype)
+        self.dense = Linear(h, h, device=device, dtype=dtype)
         self.layer_index = layer_index
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
@@ -246,15 +268,16 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """dense_h_to_4h -> tanh-approximate GELU -> dense_4h_to_h."""
+    """dense_h_to_4h (with the tanh-approximate GELU fused into it) -> dense_4h_to_h."""
 
     def __init__(self, config: TransformerConfig, *, device=None, dtype=None):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.mlp_size, device=device, dtype=dtype)
-        self.dense_4h_to_h = nn.Linear(config.mlp_size, config.hidden_size, device=device, dtype=dtype)
+        self.dense_h_to_4h = Linear(config.hidden_size, config.mlp_size, activation="gelu_tanh", device=device,
+                                    dtype=dtype)
+        self.dense_4h_to_h = Linear(config.mlp_size, config.hidden_size, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(ops.gelu_tanh(self.dense_h_to_4h(x)))
+        return self.dense_4h_to_h(self.dense_h_to_4h(x))
 
 
 class CogViewLayer(nn.Module):
