@@ -1,13 +1,14 @@
 // CPU implementation of cogview::linear and cogview::pack_linear_weight.
 //
-// bfloat16 products whose feature counts fit the tile layout run on the AMX matrix tiles
-// (csrc/cpu/kernels/tile_linear.cpp) when the CPU has them, Linux grants the tile state and the
-// avx512 kernels are active; with the activation and the bias applied before the one rounding.
-// Everything else is at::linear, followed by the gelu_tanh kernel in place.
+// bfloat16 products whose feature counts fit the tile layout, up to kTileMacsMax multiply-adds, run
+// on the AMX matrix tiles (csrc/cpu/kernels/tile_linear.cpp) when the CPU has them, Linux grants the
+// tile state and the avx512 kernels are active; with the activation and the bias applied before the
+// one rounding. Everything else is at::linear, followed by the gelu_tanh kernel in place.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <string_view>
 
@@ -40,9 +41,17 @@ bool cpu_has_tiles() {
 #endif
 }
 
+// Products up to this many multiply-adds run on the tiles. Below it oneDNN's ~40 us of set-up per
+// bf16 call dominates and the tiles are 1.2-2.5x faster (the SR stage's 576 x 128 x 384); well
+// above it oneDNN's blocked product is faster than these 32 x 32 blocks (0.7-0.95x at CogView2's
+// 3600 x 256 x 768, GELU fused or not), so those calls take at::linear.
+constexpr int64_t kTileMacsMax = int64_t{1} << 27;
+
 bool tile_shape(const at::Tensor& x, const at::Tensor& weight) {
   const int64_t m = ops::kLinearPackMultiple;
-  return x.scalar_type() == at::kBFloat16 && weight.size(0) % m == 0 && weight.size(1) % m == 0 && x.numel() > 0;
+  if (x.scalar_type() != at::kBFloat16 || weight.size(0) % m || weight.size(1) % m || x.numel() == 0) return false;
+  const int64_t rows = x.numel() / weight.size(1);
+  return rows <= kTileMacsMax / std::max<int64_t>(1, weight.size(0) * weight.size(1));
 }
 
 at::Tensor pack(const at::Tensor& weight_in) {
