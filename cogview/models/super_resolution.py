@@ -370,10 +370,16 @@ class SuperResolutionLayer(CogViewLayer):
         # one softmax over both key sets: the self part's share is exp(lse_self) / (exp(lse_self) +
         # exp(lse_cross)) = sigmoid(lse_self - lse_cross); lerp blends in one pass
         w_self = torch.sigmoid(lse_self - lse_cross).unsqueeze(-1).to(out_self.dtype)
-        out = torch.lerp(out_cross, out_self, w_self)
         if only is not None:
-            out, residual = out[:, :, only], residual[:, only]
-        return self._finish(residual, attention.merge_heads(out), next_norm)
+            out_self, out_cross, w_self = out_self[:, :, only], out_cross[:, :, only], w_self[:, :, only]
+            residual = residual[:, only]
+        if torch.is_grad_enabled() and (out_self.requires_grad or out_cross.requires_grad):  # training
+            return self._finish(residual, attention.merge_heads(torch.lerp(out_cross, out_self, w_self)), next_norm)
+        # inference: the blend is written straight into the heads-merged layout [B, n, heads, d]
+        batch, heads, n, head_dim = out_self.shape
+        merged = out_self.new_empty(batch, n, heads, head_dim)
+        torch.lerp(out_cross, out_self, w_self, out=merged.transpose(1, 2))
+        return self._finish(residual, attention.dense(merged.view(batch, n, heads * head_dim)), next_norm)
 
 
 class SuperResolutionTransformer(nn.Module):

@@ -11,6 +11,10 @@
 
 #include "cpu/kernels/vec_math.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace cogview::cpu {
 namespace {
 
@@ -32,6 +36,55 @@ void gelu_forward_block(acc_t* __restrict x, int64_t n) {
     x[i] = v * s;
   }
 }
+
+#if defined(__AVX512F__)
+// gelu_tanh of 16 floats (AVX-512), the function above without its division: 1 / (1 + e) is the
+// reciprocal estimate (relative error 2^-14) after one Newton step (2^-28), which frees the
+// division unit that bounds the loop above (one division per 16 elements, a sixteenth of a
+// multiply-add's throughput).
+inline __m512 gelu16(__m512 v) {
+  using C = GeluCoefficients<float>;
+  const __m512 z = _mm512_mul_ps(_mm512_set1_ps(2 * C::kBeta),
+                                 _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(C::kKappa), v), _mm512_mul_ps(v, v), v));
+  // e = exp(-|z|), exactly 0 below kExpFlush as in exp_nonpositive (so gelu(-inf) is NaN and
+  // gelu(-3e4) is -0 there too); NaN stays NaN through v
+  const __m512 neg = _mm512_or_ps(z, _mm512_set1_ps(-0.0f));
+  const __mmask16 kept = _mm512_cmp_ps_mask(neg, _mm512_set1_ps(kExpFlush), _CMP_NLT_UQ);
+  const __m512 a = _mm512_max_ps(neg, _mm512_set1_ps(kExpFlush));
+  const __m512 t = _mm512_fmadd_ps(a, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(12582912.0f));
+  const __m512 n = _mm512_sub_ps(t, _mm512_set1_ps(12582912.0f));
+  const __m512i ni = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_castps_si512(_mm512_set1_ps(12582912.0f)));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), a);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512 e =
+      _mm512_maskz_mul_ps(kept, p, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(ni, _mm512_set1_epi32(127)), 23)));
+  const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), e);
+  __m512 inv = _mm512_rcp14_ps(d);
+  inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(d, inv, _mm512_set1_ps(2.0f)));
+  // sigmoid(z) = 1 / (1 + e) for z >= 0, e / (1 + e) below
+  const __m512 s = _mm512_mask_mul_ps(inv, _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ), inv, e);
+  return _mm512_mul_ps(v, s);
+}
+
+// gelu_forward_block for float through gelu16 (the same function to a unit or two in the last
+// place); the tail too, so an element's result does not depend on where it falls.
+inline void gelu_forward_block16(float* __restrict x, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, gelu16(_mm512_loadu_ps(x + i)));
+  if (i < n) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    _mm512_mask_storeu_ps(x + i, tail, gelu16(_mm512_maskz_loadu_ps(tail, x + i)));
+  }
+}
+#endif
 
 }  // namespace
 }  // namespace cogview::cpu

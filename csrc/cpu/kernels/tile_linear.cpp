@@ -39,38 +39,6 @@ inline __m512 load_bf16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 
-// gelu_tanh of 16 floats, the function of gelu_math.h without its division: 1 / (1 + e) is the
-// reciprocal estimate (relative error 2^-14) after one Newton step (2^-28), which frees the
-// division unit that bounds gelu_forward_block (one division per 16 elements, a sixteenth of a
-// multiply-add's throughput) and leaves the block's GELU about twice as fast.
-inline __m512 gelu16(__m512 v) {
-  using C = GeluCoefficients<float>;
-  const __m512 z = _mm512_mul_ps(_mm512_set1_ps(2 * C::kBeta),
-                                 _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(C::kKappa), v), _mm512_mul_ps(v, v), v));
-  // e = exp(-|z|), the argument clamped where exp underflows (there gelu is 0 or v to float precision)
-  const __m512 a = _mm512_max_ps(_mm512_or_ps(z, _mm512_set1_ps(-0.0f)), _mm512_set1_ps(-87.0f));
-  const __m512 t = _mm512_fmadd_ps(a, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(12582912.0f));
-  const __m512 n = _mm512_sub_ps(t, _mm512_set1_ps(12582912.0f));
-  const __m512i ni = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_castps_si512(_mm512_set1_ps(12582912.0f)));
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), a);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  const __m512 e = _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(ni, _mm512_set1_epi32(127)), 23)));
-  const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), e);
-  __m512 inv = _mm512_rcp14_ps(d);
-  inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(d, inv, _mm512_set1_ps(2.0f)));
-  // sigmoid(z) = 1 / (1 + e) for z >= 0, e / (1 + e) below
-  const __m512 s = _mm512_mask_mul_ps(inv, _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ), inv, e);
-  return _mm512_mul_ps(v, s);
-}
-
 // Bias, activation and rounding of one block c [rows][32] (float) into y (row stride y_stride).
 void finish_block(const float* c, int64_t rows, const uint16_t* bias, bool gelu, uint16_t* y, int64_t y_stride) {
   static_assert(kTileLinearN == 32, "a block row is two vectors");
