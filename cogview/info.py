@@ -5,6 +5,7 @@ import torch
 
 from cogview._native import BUILD_INFO
 from cogview.ops import _registry
+from cogview.ops.linear import tile_linear_available
 
 
 def describe() -> str:
@@ -16,6 +17,7 @@ def describe() -> str:
         f"  (CUDA device visible: {'yes, ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'})",
         f"CPU ISAs compiled: {', '.join(info['cpu_isas'])}; usable here: {', '.join(_registry.usable_cpu_isas())}; "
         f"in use: {_registry.cpu_isa()}  (set COGVIEW_CPU_ISA to force one)",
+        f"bf16 `linear` on AMX tiles: {'yes' if tile_linear_available() else 'no (F.linear)'}",
         "",
     ]
     width = max(len(op) for op in _registry.KERNELS) + 2
