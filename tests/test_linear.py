@@ -106,6 +106,20 @@ def test_packed_weights_are_cached_and_follow_in_place_updates():
     assert len(linear_module._packed_weights[w]) == 2
 
 
+@needs_tiles
+def test_large_products_take_f_linear_and_pack_nothing():
+    """Above tile_linear_max_macs the product is at::linear (oneDNN's blocking wins there): same result,
+    and no packed copy of the weight is made."""
+    from cogview._native import _C
+    features = out = 256
+    rows = _C.tile_linear_max_macs() // (features * out) + 1
+    x, w, b = _inputs(rows, features, out, torch.bfloat16)
+    _check(ops.linear(x, w, b, "gelu_tanh"), x, w, b, "gelu_tanh")
+    assert w not in linear_module._packed_weights
+    _check(ops.linear(x[:64], w, b), x[:64], w, b, "none")  # a small call packs it
+    assert w in linear_module._packed_weights
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("activation", ["none", "gelu_tanh"])

@@ -6,11 +6,13 @@ The same function as `F.linear` (then `gelu_tanh`). On a CPU with AMX matrix til
 Rapids and later), bfloat16 products whose feature counts are multiples of 32 run on the tiles
 (csrc/cpu/kernels/tile_linear.cpp): float accumulation, bias and activation applied in the same
 pass, one rounding to bf16. At the sizes of the SR stage (a few hundred rows, 128-512 features)
-that is 2-4x faster than `F.linear`, whose bf16 path spends ~40 us per call on set-up and copies
-the bias into the output first. Weights are packed into the tile layout once and kept next to the
-weight (`pack_linear_weight`; repacked when the weight changes in place), so inference holds a
-second bf16 copy of each weight it runs. Anything else (float32, other devices, other sizes, CPUs
-without AMX) runs `F.linear` and the `gelu_tanh` kernel. Differentiable: the backward is plain
+that is 1.2-1.5x faster than `F.linear` (`python bench/linear.py`), whose bf16 path spends ~40 us
+per call on set-up and copies the bias into the output first; products above
+`_C.tile_linear_max_macs()` multiply-adds (2^27: CogView2's 3600-row layers) stay with `F.linear`,
+whose blocked product is as fast there. Weights are packed into the tile layout once and kept next
+to the weight (`pack_linear_weight`; repacked when the weight changes in place), so inference holds
+a second bf16 copy of each weight it runs on the tiles. Anything else (float32, other devices,
+other sizes, CPUs without AMX) runs `F.linear` and the `gelu_tanh` kernel. Differentiable: the backward is plain
 PyTorch matrix products (the `gelu_tanh` backward kernel for the activation).
 """
 from __future__ import annotations
@@ -56,7 +58,8 @@ def _cached_pack(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     weight), else None."""
     if (x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or weight.dim() != 2
             or weight.shape[0] % _PACK_MULTIPLE or weight.shape[1] % _PACK_MULTIPLE
-            or torch.compiler.is_compiling() or not _C.tile_linear_available()):
+            or torch.compiler.is_compiling() or not _C.tile_linear_available()
+            or x.numel() * weight.shape[0] > _C.tile_linear_max_macs()):  # rows x in x out
         return None
     base = weight if weight._base is None else weight._base
     try:

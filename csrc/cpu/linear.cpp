@@ -120,6 +120,8 @@ at::Tensor pack_linear_weight_cpu(const at::Tensor& weight) {
 
 bool tile_linear_available() { return cpu_has_tiles() && active_isa() == Isa::avx512; }
 
+int64_t tile_linear_max_macs() { return kTileMacsMax; }
+
 TORCH_LIBRARY_IMPL(cogview, CPU, m) {
   m.impl("linear", &linear_cpu);
   m.impl("pack_linear_weight", &pack_linear_weight_cpu);
