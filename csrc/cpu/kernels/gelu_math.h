@@ -46,26 +46,8 @@ inline __m512 gelu16(__m512 v) {
   using C = GeluCoefficients<float>;
   const __m512 z = _mm512_mul_ps(_mm512_set1_ps(2 * C::kBeta),
                                  _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(C::kKappa), v), _mm512_mul_ps(v, v), v));
-  // e = exp(-|z|), exactly 0 below kExpFlush as in exp_nonpositive (so gelu(-inf) is NaN and
-  // gelu(-3e4) is -0 there too); NaN stays NaN through v
-  const __m512 neg = _mm512_or_ps(z, _mm512_set1_ps(-0.0f));
-  const __mmask16 kept = _mm512_cmp_ps_mask(neg, _mm512_set1_ps(kExpFlush), _CMP_NLT_UQ);
-  const __m512 a = _mm512_max_ps(neg, _mm512_set1_ps(kExpFlush));
-  const __m512 t = _mm512_fmadd_ps(a, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(12582912.0f));
-  const __m512 n = _mm512_sub_ps(t, _mm512_set1_ps(12582912.0f));
-  const __m512i ni = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_castps_si512(_mm512_set1_ps(12582912.0f)));
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), a);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  const __m512 e =
-      _mm512_maskz_mul_ps(kept, p, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(ni, _mm512_set1_epi32(127)), 23)));
+  // e = exp(-|z|) (exactly 0 below kExpFlush, as in exp_nonpositive: gelu(-inf) is NaN, gelu(-3e4) -0)
+  const __m512 e = exp_nonpositive16(_mm512_or_ps(z, _mm512_set1_ps(-0.0f)));
   const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), e);
   __m512 inv = _mm512_rcp14_ps(d);
   inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(d, inv, _mm512_set1_ps(2.0f)));
