@@ -6,8 +6,9 @@ composition, on the projections of the SR stage's layers:
   cv2 qkv / up+gelu / down              3600 rows   cogview2-20to60 (60x60 cells, 256 wide)
 
 forward (inference). Interleaved rounds, medians. The weights are packed into the tile layout
-before timing, as cogview.ops.linear keeps them between calls. On a CPU without AMX (or with the
-avx512 kernels switched off) cogview's column measures the F.linear fallback.
+before timing, as cogview.ops.linear keeps them between calls. The `tiles` column says whether the
+call ran on the AMX tiles; where it did not (a CPU without AMX, the avx512 kernels switched off, or
+a product above the op's size limit, as CogView2's rows are) cogview's column measures F.linear.
 
     python bench/linear.py [--smoke] [--dtypes bfloat16,float32]
 """
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness  # noqa: E402
 
 from cogview import ops  # noqa: E402
+from cogview._native import _C  # noqa: E402
 
 # name -> (rows, in_features, out_features, activation)
 CASES = {
@@ -60,7 +62,8 @@ def bench_case(name, shape, dtype, args):
     with torch.inference_mode():
         times = _harness.compare(candidates, args.device, args.repeats)
     return {"case": name, "rows x in -> out": f"{rows}x{features}->{out}", "dtype": str(dtype).removeprefix("torch."),
-            "tiles": ops.tile_linear_available() and dtype == torch.bfloat16,
+            "tiles": (ops.tile_linear_available() and dtype == torch.bfloat16
+                      and rows * features * out <= _C.tile_linear_max_macs()),
             "cogview us": times["cogview"] * 1e6, "plain us": times["plain"] * 1e6,
             "compiled us": times["compiled"] * 1e6, "vs plain": times["plain"] / times["cogview"],
             "vs compiled": times["compiled"] / times["cogview"]}
