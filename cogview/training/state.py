@@ -191,8 +191,10 @@ class CheckpointManager:
                 if previous:
                     atomic_write_text(self.directory / LATEST, previous[-1].name + "\n")
                 shutil.rmtree(final)
-            os.replace(tmp, final)
+            # The pointer first: until the rename it names no complete folder, so `latest()` falls back to
+            # the newest complete one, and no kill can leave it naming an older checkpoint than that.
             atomic_write_text(self.directory / LATEST, final.name + "\n")
+            os.replace(tmp, final)
             self._prune(keep_name=final.name)
         barrier(self.env)
         return final
