@@ -42,9 +42,10 @@ bool cpu_has_tiles() {
 }
 
 // Products up to this many multiply-adds run on the tiles. Below it oneDNN's ~40 us of set-up per
-// bf16 call dominates and the tiles are 1.2-2.5x faster (the SR stage's 576 x 128 x 384); well
-// above it oneDNN's blocked product is faster than these 32 x 32 blocks (0.7-0.95x at CogView2's
-// 3600 x 256 x 768, GELU fused or not), so those calls take at::linear.
+// bf16 call weighs most and the tiles are 1.1-1.6x faster (the SR stage's 576-row projections,
+// bench/linear.py); well above it oneDNN's blocked product is as fast or faster than these
+// 32 x 32 blocks (0.73-0.98x at CogView2's 3600-row ones, GELU fused or not), so those calls take
+// at::linear.
 constexpr int64_t kTileMacsMax = int64_t{1} << 27;
 
 bool tile_shape(const at::Tensor& x, const at::Tensor& weight) {
