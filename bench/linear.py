@@ -62,8 +62,7 @@ def bench_case(name, shape, dtype, args):
     with torch.inference_mode():
         times = _harness.compare(candidates, args.device, args.repeats)
     return {"case": name, "rows x in -> out": f"{rows}x{features}->{out}", "dtype": str(dtype).removeprefix("torch."),
-            "tiles": (ops.tile_linear_available() and dtype == torch.bfloat16
-                      and rows * features * out <= _C.tile_linear_max_macs()),
+            "tiles": _C.tile_linear_runs(x, w),
             "cogview us": times["cogview"] * 1e6, "plain us": times["plain"] * 1e6,
             "compiled us": times["compiled"] * 1e6, "vs plain": times["plain"] / times["cogview"],
             "vs compiled": times["compiled"] / times["cogview"]}

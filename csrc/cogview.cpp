@@ -110,6 +110,8 @@ PYBIND11_MODULE(_C, m) {
         "Switch the CPU kernels to another compiled, supported instruction set.");
   m.def("tile_linear_available", &cogview::cpu::tile_linear_available,
         "Whether cogview::linear runs bfloat16 products on the AMX matrix tiles now.");
+  m.def("tile_linear_runs", &cogview::cpu::tile_linear_runs, pybind11::arg("x"), pybind11::arg("weight"),
+        "Whether cogview::linear(x, weight, ...) runs on the AMX tiles (False for anything it would not).");
   m.def("tile_linear_max_macs", &cogview::cpu::tile_linear_max_macs,
         "The largest product (rows x in x out) cogview::linear runs on the tiles; larger ones take at::linear.");
 }

@@ -56,10 +56,7 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
 def _cached_pack(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """The tile packing of `weight` when this call runs on the tiles (packed once per version of the
     weight), else None."""
-    if (x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or weight.dim() != 2
-            or weight.shape[0] % _PACK_MULTIPLE or weight.shape[1] % _PACK_MULTIPLE
-            or torch.compiler.is_compiling() or not _C.tile_linear_available()
-            or x.numel() * weight.shape[0] > _C.tile_linear_max_macs()):  # rows x in x out
+    if torch.compiler.is_compiling() or not _C.tile_linear_runs(x, weight):  # (the C++ op's own rule)
         return None
     base = weight if weight._base is None else weight._base
     try:

@@ -20,6 +20,7 @@
 #include "cpu/isa.h"
 #include "cpu/linear.h"
 #include "cpu/runners.h"
+#include "cpu/tensor_utils.h"
 #include "ops/linear_checks.h"
 
 namespace cogview::cpu {
@@ -48,13 +49,6 @@ bool cpu_has_tiles() {
 // at::linear.
 constexpr int64_t kTileMacsMax = int64_t{1} << 27;
 
-bool tile_shape(const at::Tensor& x, const at::Tensor& weight) {
-  const int64_t m = ops::kLinearPackMultiple;
-  if (x.scalar_type() != at::kBFloat16 || weight.size(0) % m || weight.size(1) % m || x.numel() == 0) return false;
-  const int64_t rows = x.numel() / weight.size(1);
-  return rows <= kTileMacsMax / std::max<int64_t>(1, weight.size(0) * weight.size(1));
-}
-
 at::Tensor pack(const at::Tensor& weight_in) {
   const at::Tensor weight = weight_in.contiguous();
   const int64_t out = weight.size(0), in = weight.size(1), m = ops::kLinearPackMultiple;
@@ -73,16 +67,13 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
   const std::string_view activation(activation_in.data(), activation_in.size());
   ops::check_linear(x, weight, bias, activation, packed_weight);
   const bool gelu = activation == "gelu_tanh";
-  if (!(tile_linear_available() && tile_shape(x, weight))) {
+  if (!tile_linear_runs(x, weight)) {
     at::Tensor y = at::linear(x, weight, bias);
-    if (gelu && y.numel() > 0) {
+    if (gelu && y.numel() > 0) {  // in place
       y = y.contiguous();
       GeluArgs g;
       g.x = g.out = y.data_ptr();
-      g.x_type = g.out_type = y.scalar_type() == at::kBFloat16 ? ElemType::bf16
-                              : y.scalar_type() == at::kHalf   ? ElemType::f16
-                              : y.scalar_type() == at::kDouble ? ElemType::f64
-                                                               : ElemType::f32;
+      g.x_type = g.out_type = elem_type(y, "x");
       g.f64 = y.scalar_type() == at::kDouble;
       run_gelu_forward(g, y.numel());
     }
@@ -122,6 +113,17 @@ at::Tensor pack_linear_weight_cpu(const at::Tensor& weight) {
 bool tile_linear_available() { return cpu_has_tiles() && active_isa() == Isa::avx512; }
 
 int64_t tile_linear_max_macs() { return kTileMacsMax; }
+
+bool tile_linear_runs(const at::Tensor& x, const at::Tensor& weight) {
+  const int64_t m = ops::kLinearPackMultiple;
+  if (!tile_linear_available() || x.scalar_type() != at::kBFloat16 || weight.scalar_type() != at::kBFloat16 ||
+      weight.dim() != 2 || x.dim() < 1 || x.size(-1) != weight.size(1) || x.numel() == 0 ||
+      weight.size(0) % m || weight.size(1) % m || x.device() != weight.device() || !x.device().is_cpu()) {
+    return false;
+  }
+  const int64_t rows = x.numel() / weight.size(1);
+  return rows <= kTileMacsMax / std::max<int64_t>(1, weight.size(0) * weight.size(1));
+}
 
 TORCH_LIBRARY_IMPL(cogview, CPU, m) {
   m.impl("linear", &linear_cpu);

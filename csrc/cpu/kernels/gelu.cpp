@@ -1,8 +1,6 @@
 // gelu_tanh forward and backward: compiled once per ISA, see kernels.h. The forward's math is
 // in gelu_math.h; with e = exp(-|2u|) as there,
 // d/dx gelu = sigmoid(2u) + 2 x u' sigmoid(2u) (1 - sigmoid(2u)), sigmoid (1 - sigmoid) = e / (1 + e)^2.
-#include <type_traits>
-
 #include "cpu/kernels/kernels.h"
 #include "cpu/kernels/gelu_math.h"
 
@@ -36,15 +34,7 @@ void forward(const GeluArgs& a, int64_t begin, int64_t end) {
   for (int64_t start = begin; start < end; start += kBlock) {
     const int64_t n = end - start < kBlock ? end - start : kBlock;
     load_row(buffer, static_cast<const char*>(a.x) + start * in_size, a.x_type, n);
-#if defined(__AVX512F__)
-    if constexpr (std::is_same_v<acc_t, float>) {
-      gelu_forward_block16(buffer, n);
-    } else {
-      gelu_forward_block(buffer, n);
-    }
-#else
-    gelu_forward_block(buffer, n);
-#endif
+    gelu_forward_rows(buffer, n);
     store_row(static_cast<char*>(a.out) + start * out_size, buffer, a.out_type, n);
   }
 }

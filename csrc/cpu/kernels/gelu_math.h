@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/kernels/vec_math.h"
 
@@ -67,6 +68,19 @@ inline void gelu_forward_block16(float* __restrict x, int64_t n) {
   }
 }
 #endif
+
+// The forward over a block in the accumulator type: gelu16 for float on AVX-512, the portable loop
+// otherwise.
+template <typename acc_t>
+void gelu_forward_rows(acc_t* __restrict x, int64_t n) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    gelu_forward_block16(x, n);
+    return;
+  }
+#endif
+  gelu_forward_block(x, n);
+}
 
 }  // namespace
 }  // namespace cogview::cpu
