@@ -12,6 +12,11 @@ usual attention accounting); every candidate is credited with the same useful wo
     python bench/local_attention.py             # full grid (minutes)
     python bench/local_attention.py --smoke     # tiny, seconds (no Flex: its compile is slow)
     python bench/local_attention.py --grids 64 --batches 1 --passes fwd
+    python bench/local_attention.py --dtype bfloat16 --passes fwd   # + ours with float arithmetic
+
+In bfloat16 on a CPU with AVX512-BF16 our op runs on bf16 dot products; the extra candidate `ours
+float` is the same op with those turned off (bf16 converted to float, as on other CPUs), and
+`x float` its time over ours.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ def extra_args(parser):
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--text", type=int, default=16, help="text keys")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="inputs' dtype")
 
 
 def peak_bytes(fn) -> int:
@@ -88,11 +94,12 @@ def flex_block_mask(side, window, causal, text, n):
 
 def candidates(args, batch, side, window, causal, mode, flex):
     heads, d, text = args.heads, args.head_dim, args.text
+    dtype = getattr(torch, args.dtype)
     n = side * side
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(batch, heads, n, d, generator=gen)
-    keys = torch.randn(batch, heads, text + n, d, generator=gen)  # [text; image], as a model has them
-    values = torch.randn(batch, heads, text + n, d, generator=gen)
+    q = torch.randn(batch, heads, n, d, generator=gen).to(dtype)
+    keys = torch.randn(batch, heads, text + n, d, generator=gen).to(dtype)  # [text; image], as a model has them
+    values = torch.randn(batch, heads, text + n, d, generator=gen).to(dtype)
     window_mask = reference.local_attention_mask((side, side), (side, side), window, causal)
     mask = torch.cat([torch.ones(n, text, dtype=torch.bool), window_mask], 1)
     pairs = int(mask.sum()) * batch * heads
@@ -112,11 +119,21 @@ def candidates(args, batch, side, window, causal, mode, flex):
         torch._dynamo.reset()
         flex_fn = torch.compile(flex_attention, dynamic=False, fullgraph=True)
 
+    with_float = dtype == torch.bfloat16 and cogview.ops.local_attention_bf16_dot_available()
+
+    def float_arithmetic(fn):
+        def run():
+            with cogview.ops.local_attention_bf16_dot(False):
+                return fn()
+        return run
+
     if mode == "fwd":
         fns = {
             "ours": lambda: local_attention(q, k, v, text_k=tk, text_v=tv, **grid),
             "dense": lambda: F.scaled_dot_product_attention(q, keys, values, attn_mask=mask),
         }
+        if with_float:
+            fns["ours float"] = float_arithmetic(fns["ours"])
         if flex:
             fns["flex"] = lambda: flex_fn(q, keys, values, block_mask=block_mask)
         return fns, 4 * d * pairs
@@ -135,7 +152,10 @@ def candidates(args, batch, side, window, causal, mode, flex):
         out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask)
         return torch.autograd.grad(out, dense_leaves, grad)
 
-    return {"ours": ours, "dense": dense}, 3.5 * 4 * d * pairs
+    fns = {"ours": ours, "dense": dense}
+    if with_float:
+        fns["ours float"] = float_arithmetic(ours)
+    return fns, 3.5 * 4 * d * pairs
 
 
 def main():
@@ -177,19 +197,22 @@ def main():
                     row["x dense"] = times["dense"] / times["ours"]
                     if "flex" in times:
                         row["x flex"] = times["flex"] / times["ours"]
+                    if "ours float" in times:
+                        row["x float"] = times["ours float"] / times["ours"]
                     rows.append(row)
                     print(f"  {row['batch']} {row['grid']} {wname} {mode}: x dense {row['x dense']:.1f}", flush=True)
-    columns = ["batch", "grid", "window", "pass", "ours ms", "dense ms", "flex ms", "x dense", "x flex",
-               "ours GFLOP/s", "dense GFLOP/s", "flex GFLOP/s", "ours peak MB", "dense peak MB", "flex peak MB"]
+    columns = ["batch", "grid", "window", "pass", "ours ms", "ours float ms", "dense ms", "flex ms", "x float",
+               "x dense", "x flex", "ours GFLOP/s", "dense GFLOP/s", "flex GFLOP/s", "ours peak MB", "dense peak MB",
+               "flex peak MB"]
     bandwidth = copy_bandwidth(args.device)
-    notes = (f"fp32, {args.heads} heads, head_dim {args.head_dim}, {args.text} text keys, {args.threads} threads, "
+    notes = (f"{args.dtype}, {args.heads} heads, head_dim {args.head_dim}, {args.text} text keys, {args.threads} threads, "
              f"CPU ISA {cogview.ops.cpu_isa()}. 'x dense' / 'x flex': their median time over ours. GFLOP/s: useful "
              "work only (pairs the mask keeps), the same for every candidate. Peak MB: bytes allocated through "
              "torch during one call (inputs excluded; ours includes its per-thread pack scratch). Flex: forward "
              f"only (no CPU backward). Copy bandwidth {bandwidth / 1e9:.1f} GB/s.")
     if failures:
         notes += "\nBaselines that failed to run: " + "; ".join(failures)
-    report("local_attention", args, rows, columns, notes)
+    report("local_attention" if args.dtype == "float32" else f"local_attention-{args.dtype}", args, rows, columns, notes)
 
 
 if __name__ == "__main__":

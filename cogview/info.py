@@ -6,6 +6,7 @@ import torch
 from cogview._native import BUILD_INFO
 from cogview.ops import _registry
 from cogview.ops.linear import tile_linear_available
+from cogview.ops.local_attention import local_attention_bf16_dot_available
 
 
 def describe() -> str:
@@ -18,6 +19,8 @@ def describe() -> str:
         f"CPU ISAs compiled: {', '.join(info['cpu_isas'])}; usable here: {', '.join(_registry.usable_cpu_isas())}; "
         f"in use: {_registry.cpu_isa()}  (set COGVIEW_CPU_ISA to force one)",
         f"bf16 `linear` on AMX tiles: {'yes' if tile_linear_available() else 'no (F.linear)'}",
+        f"bf16 `local_attention` on AVX512-BF16 dot products: "
+        f"{'yes' if local_attention_bf16_dot_available() else 'no (float arithmetic)'}",
         "",
     ]
     width = max(len(op) for op in _registry.KERNELS) + 2

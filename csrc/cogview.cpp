@@ -8,6 +8,7 @@
 #include "build_info.h"
 #include "cpu/isa.h"
 #include "cpu/linear.h"
+#include "cpu/local_attention.h"
 
 TORCH_LIBRARY(cogview, m) {
   // Sandwich LayerNorm. `stats` holds (mean, rstd) per row and LayerNorm, for the backward.
@@ -112,6 +113,10 @@ PYBIND11_MODULE(_C, m) {
         "Whether cogview::linear runs bfloat16 products on the AMX matrix tiles now.");
   m.def("tile_linear_runs", &cogview::cpu::tile_linear_runs, pybind11::arg("x"), pybind11::arg("weight"),
         "Whether cogview::linear(x, weight, ...) runs on the AMX tiles (False for anything it would not).");
+  m.def("local_attention_bf16_dot_available", &cogview::cpu::local_attention_bf16_dot_available,
+        "Whether cogview::local_attention's bfloat16 CPU forward runs on AVX512-BF16 dot products now.");
+  m.def("set_local_attention_bf16_dot", &cogview::cpu::set_local_attention_bf16_dot, pybind11::arg("enabled"),
+        "Enable (default) or disable local_attention's bf16 dot-product forward; returns the previous setting.");
   m.def("tile_linear_max_macs", &cogview::cpu::tile_linear_max_macs,
         "The largest product (rows x in x out) cogview::linear runs on the tiles; larger ones take at::linear.");
 }

@@ -208,6 +208,57 @@ def test_named_case(name, dtype):
     check_against_reference(CASES[name], dtype, seed=hash(name) % 1000)
 
 
+# ---- bfloat16 on dot products (CPUs with AVX512-BF16) ------------------------------------------
+
+needs_bf16_dot = pytest.mark.skipif(not cogview.ops.local_attention_bf16_dot_available(),
+                                    reason="needs a CPU with AVX512-BF16 (and the avx512 kernels)")
+BF16_DOT_CASES = ["window_larger_than_grid", "one_by_one_grid", "non_square", "window_9x5", "causal_with_text",
+                  "causal_without_text", "text_count_zero", "batch_broadcast_kv", "batch_broadcast_kv_own_text",
+                  "large_head_dim", "peaked_scores"]
+
+
+@contextlib.contextmanager
+def threads(n):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("heads", [1, 4], ids=["query_tiles", "whole_heads"])  # the two schedules at 2 threads
+@pytest.mark.parametrize("name", BF16_DOT_CASES)
+def test_bf16_dot_products(name, heads):
+    with threads(2):
+        check_against_reference({**CASES[name], "heads": heads}, torch.bfloat16, seed=7)
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("text", [0, 1, 17, 65])
+def test_bf16_dot_products_sr_shape(text):
+    # the SR stage's self window: odd text counts fill part of a pair
+    cfg = {"batch": 1, "heads": 4, "d": 32, "grid_q": (24, 20), "grid_kv": (24, 20), "window": (9, 9), "text": text}
+    check_against_reference(cfg, torch.bfloat16, seed=text, backward=False)
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("name", BF16_DOT_CASES)
+def test_bf16_float_arithmetic_still_checked(name):
+    # the same CPU with the dot products off: bfloat16 converted to float, as elsewhere
+    with cogview.ops.local_attention_bf16_dot(False):
+        assert not cogview.ops.local_attention_bf16_dot_available()
+        check_against_reference(CASES[name], torch.bfloat16, seed=7)
+    assert cogview.ops.local_attention_bf16_dot_available()
+
+
+def test_bf16_dot_switch_rejects_non_bool():
+    with pytest.raises(TypeError, match="`enabled` must be a bool"):
+        with cogview.ops.local_attention_bf16_dot(1):
+            pass
+
+
 @pytest.mark.parametrize("isa", cogview.ops.usable_cpu_isas())
 @pytest.mark.parametrize("name", ["causal_with_text", "cross_resolution_20_to_60", "head_dim_not_multiple_of_lanes",
                                   "shared_window_24_from_8", "shared_window_wider_than_grid", "peaked_scores",

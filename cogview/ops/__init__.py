@@ -16,7 +16,11 @@ from cogview.ops.decoding import (
 from cogview.ops.activation import gelu_tanh
 from cogview.ops.layer_norm import add_layer_norm, layer_norm
 from cogview.ops.linear import linear, linear_activations, pack_linear_weight, tile_linear_available
-from cogview.ops.local_attention import local_attention
+from cogview.ops.local_attention import (
+    local_attention,
+    local_attention_bf16_dot,
+    local_attention_bf16_dot_available,
+)
 from cogview.ops.sampling import sample_tokens
 
 __all__ = [
@@ -35,6 +39,8 @@ __all__ = [
     "SANDWICH_LAYER_PARAMS",
     "sample_tokens",
     "local_attention",
+    "local_attention_bf16_dot_available",
+    "local_attention_bf16_dot",
     "KERNELS",
     "has_kernel",
     "force_reference",

@@ -14,20 +14,48 @@ mix is an error. Inside a `torch.autocast` region of the inputs' device, like
 autocast dtype. The kernels accumulate in float32 (float64 for float64) and round once. `out`
 has q's dtype; `lse` is float32 (float64 for float64 inputs). The CPU kernels take a key whose weight
 is below exp(-64) of its query's largest as exactly 0 (far below float precision of the sum; it spares
-the subnormal arithmetic that made peaked attention several times slower than flat).
+the subnormal arithmetic that made peaked attention several times slower than flat). On a CPU with
+AVX512-BF16 (`local_attention_bf16_dot_available()`), bfloat16 forwards multiply bf16 pairs into
+float sums and, as flash attention does, round the softmax weights to bfloat16 for the value product
+(normalised by the float sum); float32 and the other dtypes are unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 
+from cogview._native import _C
 from cogview.ops import _checks, reference
 from cogview.ops._registry import has_kernel
 
-__all__ = ["local_attention"]
+__all__ = ["local_attention", "local_attention_bf16_dot_available", "local_attention_bf16_dot"]
 
 _OP = "local_attention"
+
+
+def local_attention_bf16_dot_available() -> bool:
+    """True when bfloat16 `local_attention` forwards on CPU run on AVX512-BF16 dot products now (the
+    CPU has them and the avx512 kernels are active: see `cogview.ops.use_cpu_isa`): every call with
+    an even head_dim except cross-resolution windows shared by blocks of queries without text keys,
+    which keep float arithmetic. Elsewhere bfloat16 inputs are converted to float."""
+    return bool(_C.local_attention_bf16_dot_available())
+
+
+@contextlib.contextmanager
+def local_attention_bf16_dot(enabled: bool) -> Iterator[None]:
+    """Inside the block the bf16 dot-product forward is enabled (the default) or not: with False,
+    bfloat16 inputs are converted to float as on CPUs without AVX512-BF16. Process-wide; for tests
+    and benchmarks that compare the two on one CPU."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"local_attention_bf16_dot: `enabled` must be a bool, got {type(enabled).__name__}")
+    previous = _C.set_local_attention_bf16_dot(enabled)
+    try:
+        yield
+    finally:
+        _C.set_local_attention_bf16_dot(previous)
 
 
 def _pair(name: str, value) -> tuple[int, int]:

@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include "cpu/isa.h"
+#include "cpu/local_attention.h"
 #include "cpu/tensor_utils.h"
 #include "ops/local_attention_checks.h"
 
@@ -146,6 +147,120 @@ Rows in_place_rows(const at::Tensor& x) { return {x, batch_stride(x), x.stride(1
 
 int64_t transposed_batch_stride(const at::Tensor& t) { return t.size(0) == 1 ? 0 : t.stride(0); }
 
+// ---- the bf16 dot-product forward (csrc/cpu/kernels/local_attention_pairs.cpp) -------------
+
+bool cpu_has_bf16_dot() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+// bfloat16 inputs, an even head_dim, the strip path (the parent-window path stays in float), and
+// the avx512 kernels active on a CPU with AVX512-BF16.
+bool use_pairs(const ops::LocalAttentionDims& d, const LocalAttentionPlan& plan, const at::Tensor& q,
+               const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& text_k,
+               const std::optional<at::Tensor>& text_v) {
+  const auto bf16 = [](const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; };
+  if (!bf16(q) || !bf16(k) || !bf16(v) || d.head_dim % 2 != 0 || plan.parents) return false;
+  if (d.text > 0 && (!bf16(*text_k) || !bf16(*text_v))) return false;
+  return local_attention_bf16_dot_available();
+}
+
+// Pair packs of x [batch, heads, rows * cols, d] (kernels.h: LocalAttentionPackArgs), as int32.
+at::Tensor pack_pairs(const at::Tensor& x, int64_t rows, int64_t cols, const LocalAttentionPlan& plan, int64_t pad,
+                      int64_t row_width, bool transposed) {
+  const int64_t batch = x.size(0), heads = x.size(1), depth = x.size(3);
+  LocalAttentionPackArgs a;
+  a.batch = batch;
+  a.heads = heads;
+  a.rows = rows;
+  a.cols = cols;
+  a.head_dim = depth;
+  a.src = x.data_ptr();
+  a.src_type = elem_type(x, "k");
+  a.sb = x.stride(0);
+  a.sh = x.stride(1);
+  a.sn = x.stride(2);
+  a.pad = pad;
+  a.row_width = row_width;
+  a.dp = plan.dp;
+  a.pair_cols = (row_width + 1) / 2;
+  at::Tensor out = transposed ? at::empty({batch, heads, rows, depth / 2, row_width}, x.options().dtype(at::kInt))
+                              : at::empty({batch, heads, rows, a.pair_cols, plan.dp}, x.options().dtype(at::kInt));
+  (transposed ? a.transposed : a.rowmajor) = out.data_ptr();
+  const int64_t items = batch * heads * rows;
+  const int64_t grain = std::max<int64_t>(1, kPackGrainElems / std::max<int64_t>(1, cols * depth));
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    const bool ran = COGVIEW_CPU_DISPATCH(local_attention_pack_pairs, a, begin, end);
+    TORCH_CHECK(ran, "cogview: local_attention: the active CPU kernels have no bf16 pair code");
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_pairs(const ops::LocalAttentionDims& d, const LocalAttentionShape& shape,
+                                                 const LocalAttentionPlan& plan, const at::Tensor& q,
+                                                 const at::Tensor& k, const at::Tensor& v, const at::Tensor& text_k,
+                                                 const at::Tensor& text_v, double text_bias, double scale) {
+  // Whole heads per task pack their k and v in per-thread scratch; otherwise packed here, once.
+  const bool per_head = whole_heads(d.batch * d.heads);
+  at::Tensor kt, vp, tkt, tvp;
+  if (!per_head) {
+    kt = pack_pairs(k, d.k_h, d.k_w, plan, plan.pad, plan.row_width, true);
+    vp = pack_pairs(v, d.k_h, d.k_w, plan, plan.pad, plan.row_width, false);
+  }
+  if (d.text > 0) {
+    tkt = pack_pairs(text_k, 1, d.text, plan, 0, plan.tpad, true);
+    tvp = pack_pairs(text_v, 1, d.text, plan, 0, plan.tpad, false);
+  }
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({d.batch, d.heads, d.n_q}, q.options().dtype(at::kFloat));
+  LocalAttentionForwardArgs a;
+  a.shape = shape;
+  a.plan = plan;
+  a.batch = d.batch;
+  a.heads = d.heads;
+  a.q = q.data_ptr();
+  a.q_type = elem_type(q, "q");
+  a.q_sb = q.stride(0);
+  a.q_sh = q.stride(1);
+  a.q_sn = q.stride(2);
+  a.k_src = source(k);
+  a.v_src = source(v);
+  if (!per_head) {
+    a.kt = kt.data_ptr();  // strides in 32-bit words
+    a.kt_sb = transposed_batch_stride(kt);
+    a.kt_sh = kt.stride(1);
+    a.v = vp.data_ptr();
+    a.v_sb = transposed_batch_stride(vp);
+    a.v_sh = vp.stride(1);
+  }
+  if (d.text > 0) {
+    a.text_kt = tkt.data_ptr();
+    a.tk_sb = transposed_batch_stride(tkt);
+    a.tk_sh = tkt.stride(1);
+    a.text_v = tvp.data_ptr();
+    a.tv_sb = transposed_batch_stride(tvp);
+    a.tv_sh = tvp.stride(1);
+  }
+  a.per_head = per_head;
+  a.scale = scale;
+  a.text_bias = text_bias;
+  a.out = out.data_ptr();
+  a.lse = lse.data_ptr();
+  const ThreadScratch scratch(per_head ? local_attention_pairs_head_words(shape, plan) : 0,
+                              q.options().dtype(at::kInt));
+  dynamic_for(COGVIEW_CPU_DISPATCH(local_attention_forward_tasks, a), [&](int64_t begin, int64_t end) {
+    COGVIEW_CPU_DISPATCH(local_attention_forward_pairs, a, begin, end, scratch.mine());
+  });
+  return {out, lse};
+}
+
 std::tuple<at::Tensor, at::Tensor> local_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                        const at::Tensor& v_in, at::IntArrayRef grid_q,
                                                        at::IntArrayRef grid_kv, at::IntArrayRef window,
@@ -160,6 +275,10 @@ std::tuple<at::Tensor, at::Tensor> local_attention_cpu(const at::Tensor& q_in, c
   const LocalAttentionShape shape = make_shape(d, causal, acc);
   const LocalAttentionPlan plan = COGVIEW_CPU_DISPATCH(local_attention_plan, shape);
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  if (use_pairs(d, plan, q, k, v, text_k_in, text_v_in)) {
+    return forward_pairs(d, shape, plan, q, k, v, d.text > 0 ? unit_last_stride(*text_k_in) : at::Tensor(),
+                         d.text > 0 ? unit_last_stride(*text_v_in) : at::Tensor(), text_bias, scale);
+  }
 
   const bool per_head = whole_heads(d.batch * d.heads);
   at::Tensor kt, tkt;
@@ -406,6 +525,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_att
 }
 
 }  // namespace
+
+namespace {
+std::atomic<bool> bf16_dot_enabled{true};
+}  // namespace
+
+bool local_attention_bf16_dot_available() {
+  return bf16_dot_enabled.load(std::memory_order_relaxed) && active_isa() == Isa::avx512 && cpu_has_bf16_dot();
+}
+
+bool set_local_attention_bf16_dot(bool enabled) { return bf16_dot_enabled.exchange(enabled); }
 
 TORCH_LIBRARY_IMPL(cogview, CPU, m) {
   m.impl("local_attention", &local_attention_cpu);

@@ -155,6 +155,8 @@ struct LocalAttentionPlan {
   int64_t dp = 0;         // head_dim rounded up to lanes (row-major packed rows)
   int64_t tpad = 0;       // text keys rounded up to lanes
   int64_t band_h = 0;     // query rows per backward band (bands two apart touch disjoint keys)
+  bool parents = false;   // the forward groups queries by parent cell (one packed window per cell)
+  int64_t pair_cols = 0;  // column pairs per key row of the bf16 pair packs: (row_width + 1) / 2
 };
 
 // Packs `src` [batch, heads, rows * cols, head_dim] (element strides sb/sh/sn, unit stride on
@@ -172,7 +174,19 @@ struct LocalAttentionPackArgs {
   void* rowmajor = nullptr;
   int64_t dp = 0;
   bool f64 = false;
+  // bfloat16 pairs for the bf16 dot-product forward (local_attention_pack_pairs; src bfloat16,
+  // head_dim even), in 32-bit words each holding two bf16 (the first in the low half):
+  //   transposed [batch, heads, rows, head_dim / 2, row_width]: word (dd, pad + c) = key c's
+  //              elements 2 dd and 2 dd + 1, zeros elsewhere;
+  //   rowmajor   [batch, heads, rows, pair_cols, dp]: word (j, d) = element d of the keys at
+  //              columns 2 j - pad and 2 j + 1 - pad (zero where a column is outside the row).
+  int64_t pair_cols = 0;
 };
+
+// 32-bit words of one head's k and v pair packs (the per_head scratch of the bf16 forward).
+inline int64_t local_attention_pairs_head_words(const LocalAttentionShape& s, const LocalAttentionPlan& p) {
+  return s.k_h * (s.head_dim / 2 * p.row_width + p.pair_cols * p.dp);
+}
 
 // An input as given: element type and element strides (unit stride on head_dim; sb = 0
 // broadcasts a batch-1 tensor).
@@ -326,6 +340,13 @@ struct TileLinearPackArgs {
                                void* scratch);                                              \
   void local_attention_backward(const LocalAttentionBackwardArgs& args, int64_t b, int64_t h, \
                                 int64_t band);                                              \
+  /* The bf16 dot-product forward (strip path, bfloat16 inputs, a CPU with AVX512-BF16): its */ \
+  /* packs, and tasks [begin, end) over pair packs (with per_head, k/v packed per head into  */ \
+  /* `scratch`, local_attention_pairs_head_words words per thread). false (nothing done) in  */ \
+  /* the builds without that code.                                                            */ \
+  bool local_attention_pack_pairs(const LocalAttentionPackArgs& args, int64_t begin, int64_t end); \
+  bool local_attention_forward_pairs(const LocalAttentionForwardArgs& args, int64_t begin, int64_t end, \
+                                     void* scratch);                                          \
   /* Backward of whole heads: task i is head i % heads of batch i / heads, or, when k/v are */ \
   /* batch-broadcast, head i of every batch; null packed inputs are packed per head.        */ \
   void local_attention_backward_heads(const LocalAttentionBackwardArgs& args, int64_t begin, \
