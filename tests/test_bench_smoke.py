@@ -26,3 +26,18 @@ def test_bench_script_smoke(script, tmp_path):
         return  # GPU-only scripts say so and exit cleanly on a machine without one
     result = json.loads(out.read_text())
     assert result["smoke"] is True and result["rows"], f"{script.name} reported no rows"
+
+
+def test_local_attention_bench_bfloat16_smoke(tmp_path):
+    # the bf16 run adds the op with float arithmetic as a candidate where the dot products run
+    import cogview
+
+    out = tmp_path / "result.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH.parent), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, str(BENCH / "local_attention.py"), "--smoke", "--dtype", "bfloat16",
+                           "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, f"failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(row["ours ms"] > 0 for row in rows)
+    with_float = cogview.ops.local_attention_bf16_dot_available()
+    assert all(("x float" in row) == with_float for row in rows)
