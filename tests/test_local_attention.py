@@ -217,21 +217,11 @@ BF16_DOT_CASES = ["window_larger_than_grid", "one_by_one_grid", "non_square", "w
                   "large_head_dim", "peaked_scores"]
 
 
-@contextlib.contextmanager
-def threads(n):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 @needs_bf16_dot
 @pytest.mark.parametrize("heads", [1, 4], ids=["query_tiles", "whole_heads"])  # the two schedules at 2 threads
 @pytest.mark.parametrize("name", BF16_DOT_CASES)
 def test_bf16_dot_products(name, heads):
-    with threads(2):
+    with num_threads(2):
         check_against_reference({**CASES[name], "heads": heads}, torch.bfloat16, seed=7)
 
 

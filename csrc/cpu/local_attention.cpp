@@ -99,17 +99,15 @@ struct Rows {
   int64_t sb = 0, sh = 0, sn = 0;
 };
 
-// Packs x [batch, heads, rows * cols, d] into the transposed layout (when `transposed`) and
-// row-major dp-padded rows (when `rowmajor`), in one pass over x.
-void pack(const at::Tensor& x, int64_t rows, int64_t cols, const LocalAttentionPlan& plan, int64_t pad,
-          int64_t row_width, at::Tensor* transposed, Rows* rowmajor, at::ScalarType acc) {
-  const int64_t batch = x.size(0), heads = x.size(1), d = x.size(3);
+// What every pack of x [batch, heads, rows * cols, d] shares: source, geometry, destinations unset.
+LocalAttentionPackArgs pack_args(const at::Tensor& x, int64_t rows, int64_t cols, const LocalAttentionPlan& plan,
+                                 int64_t pad, int64_t row_width) {
   LocalAttentionPackArgs a;
-  a.batch = batch;
-  a.heads = heads;
+  a.batch = x.size(0);
+  a.heads = x.size(1);
   a.rows = rows;
   a.cols = cols;
-  a.head_dim = d;
+  a.head_dim = x.size(3);
   a.src = x.data_ptr();
   a.src_type = elem_type(x, "k");
   a.sb = x.stride(0);
@@ -118,6 +116,15 @@ void pack(const at::Tensor& x, int64_t rows, int64_t cols, const LocalAttentionP
   a.pad = pad;
   a.row_width = row_width;
   a.dp = plan.dp;
+  return a;
+}
+
+// Packs x [batch, heads, rows * cols, d] into the transposed layout (when `transposed`) and
+// row-major dp-padded rows (when `rowmajor`), in one pass over x.
+void pack(const at::Tensor& x, int64_t rows, int64_t cols, const LocalAttentionPlan& plan, int64_t pad,
+          int64_t row_width, at::Tensor* transposed, Rows* rowmajor, at::ScalarType acc) {
+  const int64_t batch = x.size(0), heads = x.size(1), d = x.size(3);
+  LocalAttentionPackArgs a = pack_args(x, rows, cols, plan, pad, row_width);
   a.f64 = acc == at::kDouble;
   if (transposed != nullptr) {
     *transposed = at::empty({batch, heads, rows, d, row_width}, x.options().dtype(acc));
@@ -146,6 +153,26 @@ bool rows_in_place(const at::Tensor& x, const LocalAttentionPlan& plan, at::Scal
 Rows in_place_rows(const at::Tensor& x) { return {x, batch_stride(x), x.stride(1), x.stride(2)}; }
 
 int64_t transposed_batch_stride(const at::Tensor& t) { return t.size(0) == 1 ? 0 : t.stride(0); }
+
+// The forward's arguments that both arithmetics share (packed inputs, scale and outputs unset).
+LocalAttentionForwardArgs forward_args(const ops::LocalAttentionDims& d, const LocalAttentionShape& shape,
+                                       const LocalAttentionPlan& plan, const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, bool per_head) {
+  LocalAttentionForwardArgs a;
+  a.shape = shape;
+  a.plan = plan;
+  a.batch = d.batch;
+  a.heads = d.heads;
+  a.q = q.data_ptr();
+  a.q_type = elem_type(q, "q");
+  a.q_sb = q.stride(0);
+  a.q_sh = q.stride(1);
+  a.q_sn = q.stride(2);
+  a.per_head = per_head;
+  a.k_src = source(k);
+  a.v_src = source(v);
+  return a;
+}
 
 // ---- the bf16 dot-product forward (csrc/cpu/kernels/local_attention_pairs.cpp) -------------
 
@@ -176,20 +203,7 @@ bool use_pairs(const ops::LocalAttentionDims& d, const LocalAttentionPlan& plan,
 at::Tensor pack_pairs(const at::Tensor& x, int64_t rows, int64_t cols, const LocalAttentionPlan& plan, int64_t pad,
                       int64_t row_width, bool transposed) {
   const int64_t batch = x.size(0), heads = x.size(1), depth = x.size(3);
-  LocalAttentionPackArgs a;
-  a.batch = batch;
-  a.heads = heads;
-  a.rows = rows;
-  a.cols = cols;
-  a.head_dim = depth;
-  a.src = x.data_ptr();
-  a.src_type = elem_type(x, "k");
-  a.sb = x.stride(0);
-  a.sh = x.stride(1);
-  a.sn = x.stride(2);
-  a.pad = pad;
-  a.row_width = row_width;
-  a.dp = plan.dp;
+  LocalAttentionPackArgs a = pack_args(x, rows, cols, plan, pad, row_width);
   a.pair_cols = (row_width + 1) / 2;
   at::Tensor out = transposed ? at::empty({batch, heads, rows, depth / 2, row_width}, x.options().dtype(at::kInt))
                               : at::empty({batch, heads, rows, a.pair_cols, plan.dp}, x.options().dtype(at::kInt));
@@ -220,18 +234,7 @@ std::tuple<at::Tensor, at::Tensor> forward_pairs(const ops::LocalAttentionDims& 
   }
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({d.batch, d.heads, d.n_q}, q.options().dtype(at::kFloat));
-  LocalAttentionForwardArgs a;
-  a.shape = shape;
-  a.plan = plan;
-  a.batch = d.batch;
-  a.heads = d.heads;
-  a.q = q.data_ptr();
-  a.q_type = elem_type(q, "q");
-  a.q_sb = q.stride(0);
-  a.q_sh = q.stride(1);
-  a.q_sn = q.stride(2);
-  a.k_src = source(k);
-  a.v_src = source(v);
+  LocalAttentionForwardArgs a = forward_args(d, shape, plan, q, k, v, per_head);
   if (!per_head) {
     a.kt = kt.data_ptr();  // strides in 32-bit words
     a.kt_sb = transposed_batch_stride(kt);
@@ -248,7 +251,6 @@ std::tuple<at::Tensor, at::Tensor> forward_pairs(const ops::LocalAttentionDims& 
     a.tv_sb = transposed_batch_stride(tvp);
     a.tv_sh = tvp.stride(1);
   }
-  a.per_head = per_head;
   a.scale = scale;
   a.text_bias = text_bias;
   a.out = out.data_ptr();
@@ -298,19 +300,7 @@ std::tuple<at::Tensor, at::Tensor> local_attention_cpu(const at::Tensor& q_in, c
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({d.batch, d.heads, d.n_q}, q.options().dtype(acc));
 
-  LocalAttentionForwardArgs a;
-  a.shape = shape;
-  a.plan = plan;
-  a.batch = d.batch;
-  a.heads = d.heads;
-  a.q = q.data_ptr();
-  a.q_type = elem_type(q, "q");
-  a.q_sb = q.stride(0);
-  a.q_sh = q.stride(1);
-  a.q_sn = q.stride(2);
-  a.per_head = per_head;
-  a.k_src = source(k);
-  a.v_src = source(v);
+  LocalAttentionForwardArgs a = forward_args(d, shape, plan, q, k, v, per_head);
   if (kt.defined()) {
     a.kt = kt.data_ptr();
     a.kt_sb = transposed_batch_stride(kt);
