@@ -218,11 +218,12 @@ BF16_DOT_CASES = ["window_larger_than_grid", "one_by_one_grid", "non_square", "w
 
 
 @needs_bf16_dot
+@pytest.mark.parametrize("noncontiguous", [False, True], ids=["contiguous", "heads_interleaved"])
 @pytest.mark.parametrize("heads", [1, 4], ids=["query_tiles", "whole_heads"])  # the two schedules at 2 threads
 @pytest.mark.parametrize("name", BF16_DOT_CASES)
-def test_bf16_dot_products(name, heads):
+def test_bf16_dot_products(name, heads, noncontiguous):
     with num_threads(2):
-        check_against_reference({**CASES[name], "heads": heads}, torch.bfloat16, seed=7)
+        check_against_reference({**CASES[name], "heads": heads}, torch.bfloat16, seed=7, noncontiguous=noncontiguous)
 
 
 @needs_bf16_dot
