@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import zlib
 
 import pytest
 import torch
@@ -205,7 +206,10 @@ CASES = {
 def test_named_case(name, dtype):
     if dtype == torch.float64 and name == "cross_resolution_20_to_60":
         pytest.skip("float64 adds nothing here over the float32 run (slow dense reference)")
-    check_against_reference(CASES[name], dtype, seed=hash(name) % 1000)
+    # One fixed seed per case (a str hash is salted per process, so these varied from run to run). The
+    # float32 peaked_scores judgement is the noisy ratio of two maxima that CASES describes: over
+    # seeds 0-199, 8 put the kernel's output error at 2.2-3.3x the composition's, above the rule's 2x.
+    check_against_reference(CASES[name], dtype, seed=zlib.crc32(name.encode()) % 1000)
 
 
 # ---- bfloat16 on dot products (CPUs with AVX512-BF16) ------------------------------------------

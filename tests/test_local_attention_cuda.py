@@ -10,6 +10,8 @@ rows (the scalar-load path) and a CUDA-vs-CPU-kernel comparison.
 """
 from __future__ import annotations
 
+import zlib
+
 import os
 
 import pytest
@@ -93,7 +95,7 @@ def test_matches_reference_fp64(cfg, seed):
 def test_named_case(name, dtype):
     if dtype == torch.float64 and name == "cross_resolution_20_to_60":
         pytest.skip("float64 adds nothing here over the float32 run (slow dense reference)")
-    check_on_device(CASES[name], dtype, seed=hash(name) % 1000)
+    check_on_device(CASES[name], dtype, seed=zlib.crc32(name.encode()) % 1000)
 
 
 BENCH_SHAPES = {
