@@ -176,6 +176,8 @@ LocalAttentionForwardArgs forward_args(const ops::LocalAttentionDims& d, const L
 
 // ---- the bf16 dot-product forward (csrc/cpu/kernels/local_attention_pairs.cpp) -------------
 
+std::atomic<bool> bf16_dot_enabled{true};  // set_local_attention_bf16_dot
+
 bool cpu_has_bf16_dot() {
 #if defined(__x86_64__) || defined(_M_X64)
   static const bool has = [] {
@@ -514,10 +516,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_att
   return {grad_q, grad_k, grad_v, grad_text_k, grad_text_v};
 }
 
-}  // namespace
-
-namespace {
-std::atomic<bool> bf16_dot_enabled{true};
 }  // namespace
 
 bool local_attention_bf16_dot_available() {

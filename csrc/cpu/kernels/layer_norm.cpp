@@ -230,13 +230,6 @@ inline float vmaxval(vf a) { return _mm512_reduce_max_ps(a); }
 inline vf from_bf16(__m256i h) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-inline __m256i to_bf16(vf v) {  // round to nearest even; NaN -> quiet NaN, as float_to_bf16
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-  return _mm512_cvtepi32_epi16(r);
-}
 inline vf load_half(const uint16_t* p, bool bf16) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return bf16 ? from_bf16(h) : _mm512_cvtph_ps(h);
@@ -246,7 +239,7 @@ inline vf load_half(const uint16_t* p, bool bf16, Tail m) {
   return bf16 ? from_bf16(h) : _mm512_cvtph_ps(h);
 }
 inline __m256i half_bits(vf v, bool bf16) {
-  return bf16 ? to_bf16(v) : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return bf16 ? float_to_bf16_16(v) : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 inline void store_half(uint16_t* p, vf v, bool bf16) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), half_bits(v, bf16));

@@ -111,16 +111,6 @@ struct GroupMasks {
   }
 };
 
-#if defined(__AVX512F__)
-// 16 floats rounded to bfloat16 (to nearest even; finite or quiet-NaN inputs), stored as 16 uint16.
-inline void store_bf16(uint16_t* dst, __m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(rounded));
-}
-#endif
-
 // Softmax of one query's scores in place: window key row ri at [ri * strip, (ri + 1) * strip),
 // text at nr * strip (text_bias added). Leaves exp(s - max), exactly 0 outside the window and
 // beyond the text keys; returns log-sum-exp and 1 / sum. Masks come precomputed per group;
@@ -134,7 +124,8 @@ void softmax_masked(const Group& g, const GroupMasks<T>& mk, int64_t m, int64_t 
   const auto put = [&](int64_t i, typename V::R e) {
     if constexpr (kBf16) {
 #if defined(__AVX512F__)
-      store_bf16(rounded + i, e);
+      // (exp gives finite values or quiet NaNs: the rounding alone, without float_to_bf16's NaN case)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(rounded + i), _mm512_cvtepi32_epi16(bf16_rounded_bits16(e)));
 #endif
     } else {
       V::store(sm + i, e);

@@ -229,8 +229,8 @@ void pack_value_pairs(const uint16_t* src, int64_t sn, int64_t cols, int64_t dep
 struct PairScratch {
   int64_t sld = 0, half = 0;
   std::vector<uint32_t> q;   // [kGroup][half] query pairs
-  std::vector<float> s;      // [kGroup][sld] scores, then exp(s - max)
-  std::vector<uint16_t> p;   // [kGroup][sld] the same, rounded to bf16
+  std::vector<float> s;      // [kGroup][sld] scores (the text's with text_bias added)
+  std::vector<uint16_t> p;   // [kGroup][sld] exp(s - max), rounded to bf16
   std::vector<float> o;      // [kGroup][dp]
   float lse[kGroup] = {}, inv[kGroup] = {};
   PairScratch(const LocalAttentionShape& shape, const LocalAttentionPlan& plan)

@@ -6,6 +6,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace cogview::cpu {
 
 enum class ElemType : int32_t { f32 = 0, f16 = 1, bf16 = 2, f64 = 3 };
@@ -27,6 +31,23 @@ inline uint16_t float_to_bf16(float value) {
   const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
   return static_cast<uint16_t>(is_nan ? 0x7fc0u : rounded);
 }
+
+#if defined(__AVX512F__)
+// float_to_bf16's rounding on 16 lanes, the bf16 bits in the low half of each 32-bit lane, without
+// its NaN case: right for values that are finite or quiet NaNs (what arithmetic produces).
+inline __m512i bf16_rounded_bits16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  return _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+}
+
+// float_to_bf16 on 16 lanes: the same 16 bit patterns.
+inline __m256i float_to_bf16_16(__m512 v) {
+  const __m512i quieted = _mm512_mask_mov_epi32(bf16_rounded_bits16(v), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                                                _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(quieted);
+}
+#endif
 
 #if defined(__FLT16_MANT_DIG__)
 // The compiler's _Float16 converts with F16C instructions where the ISA has them.

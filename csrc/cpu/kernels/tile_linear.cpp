@@ -26,15 +26,6 @@ constexpr int64_t kTile = 16;  // rows of a tile; a weight tile's 16 columns
 constexpr int64_t kChunkSteps = 8;  // input-feature steps per chunk (256 features)
 
 #if defined(COGVIEW_TILE_CODE)
-// float -> bf16 bits (in 32-bit lanes) exactly as float_to_bf16 rounds: to nearest even, NaN to
-// the quiet NaN.
-inline __m512i bf16_bits(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-}
-
 inline __m512 load_bf16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
@@ -52,8 +43,8 @@ void finish_block(const float* c, int64_t rows, const uint16_t* bias, bool gelu,
       v0 = gelu16(v0);
       v1 = gelu16(v1);
     }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(bf16_bits(v0)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), _mm512_cvtepi32_epi16(bf16_bits(v1)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), float_to_bf16_16(v0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), float_to_bf16_16(v1));
   }
 }
 

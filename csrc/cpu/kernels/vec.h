@@ -138,7 +138,7 @@ struct Vec<float> {
   using Mask = __mmask16;
   static Mask range_mask(int64_t lo, int64_t hi) { return static_cast<Mask>(lane_range_mask(lo, hi, L)); }
   static R select(Mask m, R x, R fill) { return _mm512_mask_blend_ps(m, fill, x); }
-  // vec_math.h's exp_nonpositive algorithm on 16 lanes; scalef applies 2^n.
+  // vec_math.h's reduction and polynomial (exp_reduced16) on 16 lanes; scalef applies 2^n.
   static R exp(R x) {
     const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(static_cast<float>(kExpFlush)), _CMP_NLT_UQ);
     // Operand order matters: max/min return their second operand when either is NaN, so a NaN
@@ -146,17 +146,7 @@ struct Vec<float> {
     x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
     const R n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    R r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-    R p = _mm512_set1_ps(1.0f / 5040.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_maskz_scalef_ps(kept, p, n);
+    return _mm512_maskz_scalef_ps(kept, exp_reduced16(x, n), n);
   }
 };
 template <>

@@ -81,15 +81,10 @@ inline double exp_nonpositive(double x) {
 }
 
 #if defined(__AVX512F__)
-// exp(x) for x <= 0, 16 lanes: the same scheme (and the same results, 0 below kExpFlush) as
-// exp_nonpositive(float).
-inline __m512 exp_nonpositive16(__m512 x) {
-  const __m512 round = _mm512_set1_ps(12582912.0f);
-  const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpFlush), _CMP_GE_OQ);  // (NaN: 0, as the clamp below)
-  x = _mm512_max_ps(x, _mm512_set1_ps(kExpFlush));
-  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), round);
-  const __m512 n = _mm512_sub_ps(t, round);
-  const __m512i ni = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_castps_si512(round));
+// e^r on 16 lanes, where x = n ln2 + r (n a whole number, |r| <= ln2 / 2): the reduction and the
+// degree-7 polynomial of exp_nonpositive, shared by exp_nonpositive16 and Vec<float>::exp (vec.h),
+// which differ only in how they round n, scale by 2^n and treat the ends of the range.
+inline __m512 exp_reduced16(__m512 x, __m512 n) {
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
   __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
@@ -99,9 +94,20 @@ inline __m512 exp_nonpositive16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+}
+
+// exp(x) for x <= 0, 16 lanes: the same scheme (and the same results, 0 below kExpFlush) as
+// exp_nonpositive(float).
+inline __m512 exp_nonpositive16(__m512 x) {
+  const __m512 round = _mm512_set1_ps(12582912.0f);
+  const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpFlush), _CMP_GE_OQ);  // (NaN: 0, as the clamp below)
+  x = _mm512_max_ps(x, _mm512_set1_ps(kExpFlush));
+  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), round);
+  const __m512 n = _mm512_sub_ps(t, round);
+  const __m512i ni = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_castps_si512(round));
   const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(ni, _mm512_set1_epi32(127)), 23));
-  return _mm512_maskz_mul_ps(kept, p, s);
+  return _mm512_maskz_mul_ps(kept, exp_reduced16(x, n), s);
 }
 #endif
 
