@@ -17,6 +17,10 @@ temperature 1 over the image codes, batch 1 (and more with --batches). The VQ-VA
   `cogview.generation.sample_image_codes` (static K/V cache, decode-attention kernel, lean CPU step):
   9 (H/2)^2 sequential steps in all. Later windows overwrite the overlap (the timing is what matters).
 
+Also reported: the SR run's matrix products (projections and output head) recorded and replayed
+alone (`products_ms`, bench/_products.py), and `ceiling` = sliding / products: the most the SR side
+could gain on this machine if everything but its products took no time.
+
 Reported: medians of interleaved rounds (one warm-up call each; 3 rounds, more for cases whose round takes
 under 10 s: about 30 s of rounds, at most 15; --repeats N fixes N), the speedup,
 sequential steps, and the tokens each method pushes
@@ -41,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import _harness  # noqa: E402
+import _products  # noqa: E402
 
 from cogview.generation import low_res_pixels, sample_image_codes, super_resolve_codes  # noqa: E402
 from cogview.models import VQVAE, CogViewTransformer, vqvae_presets  # noqa: E402
@@ -173,32 +178,46 @@ def main() -> None:
             rounds = repeats if explicit_repeats else max(repeats, min(15, int(30 / max(round_s, 1e-3))))
             times = _harness.compare(candidates, device, rounds, min_round_s=0, warmup=0)  # warmed up above
             passes = 1 + len(config.schedule)
+            products_by_dtype = {}
             for dtype in dtypes:
                 tag = str(dtype).removeprefix("torch.")
                 sr_s, sliding_s = times[f"sr {tag}"], times[f"sliding {tag}"]
+                # the SR run's matrix products alone: a floor for sr_ms on this machine
+                products = _products.record_products(candidates[f"sr {tag}"])
+                products_s = _products.replay_seconds(products, device, rounds=max(3, min(rounds, 7)))
+                products_by_dtype[tag] = products_s
                 rows.append({
                     "case": name, "grids": f"{h}x{h}->{big}x{big}", "trunk": f"{t.num_layers}x{t.hidden_size}",
                     "text": text_len,
                     "dtype": tag, "batch": batch, "sr_ms": sr_s * 1e3, "sliding_ms": sliding_s * 1e3,
-                    "speedup": sliding_s / sr_s, "sr_passes": passes, "sliding_steps": 9 * (big // 2) ** 2,
+                    "speedup": sliding_s / sr_s, "products_ms": products_s * 1e3,
+                    "products_gmac": _products.multiply_adds(products) / 1e9,
+                    "ceiling": sliding_s / products_s, "sr_passes": passes, "sliding_steps": 9 * (big // 2) ** 2,
                     "sr_tokens": passes * big * big, "sliding_tokens": 9 * (big // 2) ** 2,
                 })
                 print(f"{name} batch {batch} {tag}: sr {sr_s * 1e3:.0f} ms, sliding {sliding_s * 1e3:.0f} ms, "
-                      f"speedup {sliding_s / sr_s:.1f}x", flush=True)
+                      f"speedup {sliding_s / sr_s:.1f}x; the sr run's products alone {products_s * 1e3:.0f} ms "
+                      f"(ceiling {sliding_s / products_s:.1f}x)", flush=True)
             fastest = {kind: min((times[k], k.split()[1]) for k in times if k.startswith(kind))
                        for kind in ("sr", "sliding")}
             best.append(f"{name} batch {batch}: fastest sr ({fastest['sr'][1]}) {fastest['sr'][0] * 1e3:.0f} ms vs "
                         f"fastest sliding ({fastest['sliding'][1]}) {fastest['sliding'][0] * 1e3:.0f} ms = "
-                        f"{fastest['sliding'][0] / fastest['sr'][0]:.1f}x")
+                        f"{fastest['sliding'][0] / fastest['sr'][0]:.1f}x (ceiling "
+                        f"{fastest['sliding'][0] / min(products_by_dtype.values()):.1f}x: fastest sliding / the "
+                        f"fastest sr products alone)")
     _harness.report("super_resolution", args, rows,
-                    ["case", "grids", "trunk", "text", "dtype", "batch", "sr_ms", "sliding_ms", "speedup", "sr_passes",
-                     "sliding_steps", "sr_tokens", "sliding_tokens"],
+                    ["case", "grids", "trunk", "text", "dtype", "batch", "sr_ms", "sliding_ms", "speedup", "products_ms",
+                     "products_gmac", "ceiling", "sr_passes", "sliding_steps", "sr_tokens", "sliding_tokens"],
                     notes=f"sr = direct SR + sr_passes - 1 LoPAR passes (one forward each; CogView2's 6 = 23, 19, "
                           f"15, 10, 6, 2 cells per 6x6 tile; with a pixel hint, the VQ-VAE decode of the low-res "
                           f"codes it reads is timed too); sliding = CogView1's nine autoregressive windows through "
                           f"cogview.generation.sample_image_codes. Both methods in each dtype (weights and "
                           f"activations), temperature 1, text pieces as in the `text` column (0: text-free), random weights, "
-                          f"{torch.get_num_threads()} threads; tokens = high-res tokens pushed through the trunk.\n\n"
+                          f"{torch.get_num_threads()} threads; tokens = high-res tokens pushed through the trunk. "
+                          f"products_ms: the sr run's matrix products (the projections and the output head, "
+                          f"`cogview.ops.linear` calls, with the bias and GELU where the op fuses them; "
+                          f"products_gmac multiply-adds) recorded and replayed alone; ceiling = sliding_ms / products_ms, the most the sr side "
+                          f"could gain on this machine if everything but its products took no time.\n\n"
                           f"Each method in its fastest dtype:\n" + "\n".join(f"- {line}" for line in best))
 
 

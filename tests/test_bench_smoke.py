@@ -41,3 +41,31 @@ def test_local_attention_bench_bfloat16_smoke(tmp_path):
     assert rows and all(row["ours ms"] > 0 for row in rows)
     with_float = cogview.ops.local_attention_bf16_dot_available()
     assert all(("x float" in row) == with_float for row in rows)
+
+
+def test_product_recorder_counts_and_replays():
+    # bench/_products.py: the calls it records are the products that ran (not the elementwise work
+    # around them), their multiply-adds are the shapes', and a replay runs them all
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _products
+    finally:
+        sys.path.remove(str(BENCH))
+    import torch.nn.functional as F
+
+    from cogview import ops
+
+    x = torch.randn(2, 5, 16)
+    w1, b1 = torch.randn(24, 16), torch.randn(24)
+    w2 = torch.randn(8, 24)
+
+    def work():
+        h = ops.linear(x, w1, b1, activation="gelu_tanh")
+        h = torch.relu(h) + 1
+        return F.linear(h, w2) @ torch.randn(8, 3)
+
+    calls = _products.record_products(work)
+    names = [call.func._schema.name for call in calls]
+    assert len(calls) == 3 and "aten::add" not in names and "aten::relu" not in names
+    assert _products.multiply_adds(calls) == 10 * 16 * 24 + 10 * 24 * 8 + 10 * 8 * 3
+    assert _products.replay_seconds(calls, "cpu", rounds=2) > 0
