@@ -34,9 +34,11 @@ class _TensorLayout:
 
     def fresh(self, made: dict) -> torch.Tensor:
         out = made.get(self)
-        if out is None:
-            out = torch.empty_strided(self.size, self.stride, dtype=self.dtype, device=self.device)
-            made[self] = out = out.normal_() if out.is_floating_point() else out.zero_()
+        if out is None:  # random storage first: a layout may overlap itself (stride 0)
+            extent = 1 + sum((n - 1) * st for n, st in zip(self.size, self.stride)) if all(self.size) else 0
+            storage = torch.empty(extent, dtype=self.dtype, device=self.device)
+            storage = storage.normal_() if storage.is_floating_point() else storage.zero_()
+            made[self] = out = storage.as_strided(self.size, self.stride)
         return out
 
 

@@ -62,7 +62,7 @@ def test_product_recorder_counts_and_replays():
     def work():
         h = ops.linear(x, w1, b1, activation="gelu_tanh")
         h = torch.relu(h) + 1
-        return F.linear(h, w2) @ torch.randn(8, 3)
+        return F.linear(h, w2) @ torch.randn(8, 1).expand(8, 3)  # (a self-overlapping layout)
 
     calls = _products.record_products(work)
     names = [call.func._schema.name for call in calls]
