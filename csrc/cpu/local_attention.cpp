@@ -154,11 +154,10 @@ Rows in_place_rows(const at::Tensor& x) { return {x, batch_stride(x), x.stride(1
 
 int64_t transposed_batch_stride(const at::Tensor& t) { return t.size(0) == 1 ? 0 : t.stride(0); }
 
-// The forward's arguments that both arithmetics share (packed inputs, scale and outputs unset).
-LocalAttentionForwardArgs forward_args(const ops::LocalAttentionDims& d, const LocalAttentionShape& shape,
-                                       const LocalAttentionPlan& plan, const at::Tensor& q, const at::Tensor& k,
-                                       const at::Tensor& v, bool per_head) {
-  LocalAttentionForwardArgs a;
+// The geometry and the queries, which the forward and the backward both read.
+LocalAttentionQueryArgs query_args(const ops::LocalAttentionDims& d, const LocalAttentionShape& shape,
+                                   const LocalAttentionPlan& plan, const at::Tensor& q) {
+  LocalAttentionQueryArgs a;
   a.shape = shape;
   a.plan = plan;
   a.batch = d.batch;
@@ -168,6 +167,15 @@ LocalAttentionForwardArgs forward_args(const ops::LocalAttentionDims& d, const L
   a.q_sb = q.stride(0);
   a.q_sh = q.stride(1);
   a.q_sn = q.stride(2);
+  return a;
+}
+
+// The forward's arguments that both arithmetics share (packed inputs, scale and outputs unset).
+LocalAttentionForwardArgs forward_args(const ops::LocalAttentionDims& d, const LocalAttentionShape& shape,
+                                       const LocalAttentionPlan& plan, const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, bool per_head) {
+  LocalAttentionForwardArgs a;
+  static_cast<LocalAttentionQueryArgs&>(a) = query_args(d, shape, plan, q);
   a.per_head = per_head;
   a.k_src = source(k);
   a.v_src = source(v);
@@ -393,15 +401,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_att
   }
 
   LocalAttentionBackwardArgs a;
-  a.shape = shape;
-  a.plan = plan;
-  a.batch = d.batch;
-  a.heads = d.heads;
-  a.q = q.data_ptr();
-  a.q_type = elem_type(q, "q");
-  a.q_sb = q.stride(0);
-  a.q_sh = q.stride(1);
-  a.q_sn = q.stride(2);
+  static_cast<LocalAttentionQueryArgs&>(a) = query_args(d, shape, plan, q);
   if (grad_out.defined()) {
     a.grad_out = grad_out.data_ptr();
     a.grad_out_type = elem_type(grad_out, "grad_out");

@@ -199,13 +199,17 @@ struct LocalAttentionSource {
 // Strides below are in elements; a zero batch stride broadcasts a batch-1 tensor.
 // Packed inputs (kt, v, text_kt, text_v; in the backward also vt, k, text_vt, text_k) may be
 // null: with `per_head`, each task then packs its own head from the sources into scratch.
-struct LocalAttentionForwardArgs {
+// What the forward and the backward both read: the geometry and the queries.
+struct LocalAttentionQueryArgs {
   LocalAttentionShape shape;
   LocalAttentionPlan plan;
   int64_t batch = 0, heads = 0;
   const void* q = nullptr;  // [batch, heads, q_h * q_w, head_dim]
   ElemType q_type = ElemType::f32;
   int64_t q_sb = 0, q_sh = 0, q_sn = 0;
+};
+
+struct LocalAttentionForwardArgs : LocalAttentionQueryArgs {
   const void* kt = nullptr;  // transposed pack of k
   int64_t kt_sb = 0, kt_sh = 0;
   const void* v = nullptr;  // accumulator-type rows of v, >= dp readable elements per row
@@ -222,13 +226,7 @@ struct LocalAttentionForwardArgs {
   void* lse = nullptr;  // contiguous accumulator [batch, heads, q_h * q_w]
 };
 
-struct LocalAttentionBackwardArgs {
-  LocalAttentionShape shape;
-  LocalAttentionPlan plan;
-  int64_t batch = 0, heads = 0;
-  const void* q = nullptr;
-  ElemType q_type = ElemType::f32;
-  int64_t q_sb = 0, q_sh = 0, q_sn = 0;
+struct LocalAttentionBackwardArgs : LocalAttentionQueryArgs {
   const void* grad_out = nullptr;  // may be null (no gradient reached `out`)
   ElemType grad_out_type = ElemType::f32;
   int64_t go_sb = 0, go_sh = 0, go_sn = 0;
